@@ -35,7 +35,7 @@ _Q8_0_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q8_0][1]
 @njit(cache=True)
 def c_float_to_int(value):
     """C's (int) conversion of a float as x86 performs it: out of range or NaN gives INT_MIN."""
-    wide = float(value)
+    wide = np.float64(value)
     if not (-2147483648.0 <= wide < 2147483648.0):
         return -2147483648
     return int(wide)

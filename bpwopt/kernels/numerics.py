@@ -36,10 +36,10 @@ def nearest_int(value):
 @njit(cache=True)
 def roundf(value):
     """C's roundf on a float32: halves round away from zero; inf and NaN pass through."""
-    wide = float(value)
-    if not math.isfinite(wide):
+    wide = np.float64(value)
+    if not np.isfinite(wide):
         return F32(wide)
-    truncated = float(math.floor(abs(wide)))
+    truncated = np.floor(abs(wide))
     if abs(wide) - truncated >= 0.5:
         truncated += 1.0
     return F32(math.copysign(truncated, wide))

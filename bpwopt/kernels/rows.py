@@ -68,10 +68,10 @@ def row_errors(quantize_row, dequantize_row, x, imatrix, row_bytes):
         row_weighted = 0.0
         row_plain = 0.0
         for j in range(n_per_row):
-            diff = float(x[row, j]) - float(restored[j])
+            diff = np.float64(x[row, j]) - np.float64(restored[j])
             squared = diff * diff
             row_plain += squared
-            row_weighted += float(imatrix[j]) * squared if weighted else squared
+            row_weighted += np.float64(imatrix[j]) * squared if weighted else squared
         weighted_sse[row] = row_weighted
         sse[row] = row_plain
     return weighted_sse, sse

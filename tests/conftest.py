@@ -1,0 +1,68 @@
+"""Shared inputs: the demo model and row generators covering the cases ggml special-cases."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bpwopt.demo import smollm2_path
+
+ROW_KINDS = (
+    "gaussian",
+    "heavy_tailed",
+    "outliers",
+    "all_zero",
+    "constant_positive",
+    "constant_negative",
+    "tiny",
+    "subnormal",
+    "huge",
+    "mixed_scales",
+    "sparse",
+)
+
+
+def make_rows(kind: str, nrows: int, n_per_row: int, seed: int = 0) -> np.ndarray:
+    """float32 (nrows, n_per_row) rows of one distribution, deterministic in seed."""
+    rng = np.random.default_rng(seed)
+    shape = (nrows, n_per_row)
+    if kind == "gaussian":
+        rows = rng.standard_normal(shape)
+    elif kind == "heavy_tailed":
+        rows = rng.standard_t(2, shape)
+    elif kind == "outliers":
+        rows = rng.standard_normal(shape)
+        hits = rng.random(shape) < 0.01
+        rows[hits] *= 100
+    elif kind == "all_zero":
+        rows = np.zeros(shape)
+    elif kind == "constant_positive":
+        rows = np.full(shape, 0.37)
+    elif kind == "constant_negative":
+        rows = np.full(shape, -1.25)
+    elif kind == "tiny":
+        rows = rng.standard_normal(shape) * 1e-30
+    elif kind == "subnormal":
+        rows = rng.standard_normal(shape) * 1e-39
+    elif kind == "huge":
+        rows = rng.standard_normal(shape) * 1e30
+    elif kind == "mixed_scales":
+        rows = rng.standard_normal(shape) * 10.0 ** rng.integers(-8, 8, size=(nrows, 1))
+    elif kind == "sparse":
+        rows = rng.standard_normal(shape) * (rng.random(shape) < 0.1)
+    else:
+        raise ValueError(kind)
+    return rows.astype(np.float32)
+
+
+def make_imatrix(n_per_row: int, seed: int = 1) -> np.ndarray:
+    """A random importance matrix with exact zeros and a wide dynamic range."""
+    rng = np.random.default_rng(seed)
+    weights = rng.exponential(1.0, n_per_row) ** 3
+    weights[rng.random(n_per_row) < 0.1] = 0.0
+    return weights.astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def demo_model_path():
+    return smollm2_path()

@@ -1,0 +1,98 @@
+"""Every kernel against ggml itself: bytes from ggml_quantize_chunk, values from gguf.quants.dequantize.
+
+The oracle is libggml-base from llama-cpp-python (built with GGML_NATIVE=OFF),
+called through ctypes exactly as llama-quantize calls it.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from conftest import ROW_KINDS, make_imatrix, make_rows
+
+import bpwopt
+from bpwopt.quant_types import QUANT_TYPES, get_quant_type
+from bpwopt.reference import ggml_quantize
+
+REQUIRED_TYPES = (
+    "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+    "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
+)  # fmt: skip
+
+# SmolLM2's width 576 is not a multiple of 256: only ffn_down rows (1536) take K-quants.
+REAL_TENSORS = {"blk.0.attn_q.weight": 576, "blk.5.ffn_down.weight": 1536, "blk.29.attn_v.weight": 576}
+REAL_CASES = [
+    (name, tensor_name)
+    for name in REQUIRED_TYPES
+    for tensor_name, n_per_row in REAL_TENSORS.items()
+    if n_per_row % gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][0] == 0
+]
+
+
+def differing_blocks(ours: np.ndarray, theirs: np.ndarray, block_bytes: int) -> int:
+    mismatch = (ours != theirs).reshape(ours.shape[0], -1, block_bytes).any(axis=2)
+    return int(mismatch.sum())
+
+
+def assert_same_as_ggml(x: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarray:
+    quant_type = get_quant_type(name)
+    ours = bpwopt.quantize(x, name, imatrix)
+    theirs = ggml_quantize(x, name, imatrix)
+    assert ours.shape == theirs.shape
+    n_diff = differing_blocks(ours, theirs, quant_type.block_bytes)
+    n_blocks = x.size // quant_type.block_size
+    assert n_diff == 0, f"{name}: {n_diff} of {n_blocks} blocks differ from ggml"
+    return ours
+
+
+def test_registry_holds_every_required_type():
+    assert sorted(REQUIRED_TYPES) == sorted(t.name for t in QUANT_TYPES.values())
+
+
+@pytest.mark.parametrize("name", REQUIRED_TYPES)
+@pytest.mark.parametrize("with_imatrix", [False, True], ids=["plain", "imatrix"])
+@pytest.mark.parametrize("kind", ROW_KINDS)
+def test_bytes_equal_ggml(name, with_imatrix, kind):
+    n_per_row = 512
+    x = make_rows(kind, 6, n_per_row, seed=hash((name, kind)) % 1000)
+    imatrix = make_imatrix(n_per_row) if with_imatrix else None
+    assert_same_as_ggml(x, name, imatrix)
+
+
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"])
+@pytest.mark.parametrize("n_per_row", [32, 576])
+def test_block32_types_on_rows_that_are_not_a_multiple_of_256(name, n_per_row):
+    x = make_rows("gaussian", 5, n_per_row, seed=n_per_row)
+    assert_same_as_ggml(x, name, None)
+    assert_same_as_ggml(x, name, make_imatrix(n_per_row))
+
+
+@pytest.fixture(scope="module")
+def real_tensors(demo_model_path):
+    reader = gguf.GGUFReader(demo_model_path)
+    by_name = {tensor.name: tensor for tensor in reader.tensors}
+    return {
+        name: gguf.quants.dequantize(by_name[name].data, by_name[name].tensor_type)[:96].copy()
+        for name in REAL_TENSORS
+    }
+
+
+@pytest.mark.parametrize(("name", "tensor_name"), REAL_CASES)
+def test_bytes_equal_ggml_on_smollm2_weights(real_tensors, name, tensor_name):
+    x = real_tensors[tensor_name]
+    n_per_row = REAL_TENSORS[tensor_name]
+    assert x.shape[1] == n_per_row
+    assert_same_as_ggml(x, name, None)
+    imatrix = np.abs(np.random.default_rng(7).standard_normal(n_per_row)).astype(np.float32)
+    assert_same_as_ggml(x, name, imatrix)
+
+
+@pytest.mark.parametrize("name", REQUIRED_TYPES)
+@pytest.mark.parametrize("kind", ["gaussian", "outliers", "all_zero", "subnormal", "huge"])
+def test_dequantize_equals_gguf(name, kind):
+    x = make_rows(kind, 4, 256, seed=3)
+    q = bpwopt.quantize(x, name, make_imatrix(256))
+    ours = bpwopt.dequantize(q, name)
+    theirs = gguf.quants.dequantize(q, get_quant_type(name).ggml_type)
+    np.testing.assert_array_equal(ours, theirs.astype(np.float32))
