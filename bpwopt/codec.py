@@ -79,6 +79,8 @@ def dequantize(q: np.ndarray, qtype: QTypeLike) -> np.ndarray:
     row_bytes = q.shape[-1]
     n_per_row = row_bytes // quant_type.block_bytes * quant_type.block_size
     q_rows = np.ascontiguousarray(q.reshape(-1, row_bytes))
+    if not q_rows.flags.writeable:  # e.g. a read-only memory map; the compiled kernel wants a mutable array
+        q_rows = q_rows.copy()
     out = np.empty((q_rows.shape[0], n_per_row), dtype=np.float32)
     rows.dequantize_rows(quant_type.dequantize_row, q_rows, out)
     return out.reshape(*q.shape[:-1], n_per_row)

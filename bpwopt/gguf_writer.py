@@ -1,0 +1,153 @@
+"""Streaming, atomic GGUF output: header first, then each tensor as it is produced.
+
+Target types are known before any data is written, so every size and offset
+is too: the header goes out first and tensor data follows slab by slab, so
+peak memory stays near one slab, not the model. Everything goes to
+`OUT.tmp` beside the output, is fsynced, and is renamed over OUT only when
+complete; on any failure the temporary file is removed and OUT is untouched.
+Metadata entries copied from the input keep their exact bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import struct
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGUFValueType
+
+from bpwopt.errors import BpwoptError
+
+GGUF_VERSION = 3
+DEFAULT_ALIGNMENT = 32
+
+_SCALAR_FORMATS = {
+    GGUFValueType.UINT8: "<B", GGUFValueType.INT8: "<b", GGUFValueType.UINT16: "<H",
+    GGUFValueType.INT16: "<h", GGUFValueType.UINT32: "<I", GGUFValueType.INT32: "<i",
+    GGUFValueType.FLOAT32: "<f", GGUFValueType.BOOL: "<?", GGUFValueType.UINT64: "<Q",
+    GGUFValueType.INT64: "<q", GGUFValueType.FLOAT64: "<d",
+}  # fmt: skip
+
+
+def _string(text: str) -> bytes:
+    encoded = text.encode("utf-8")
+    return struct.pack("<Q", len(encoded)) + encoded
+
+
+def encode_kv(key: str, value_type: GGUFValueType, value, item_type: GGUFValueType | None = None) -> bytes:
+    """One metadata entry in GGUF's binary layout (scalars, strings, and arrays of them)."""
+
+    def scalar(kind: GGUFValueType, item) -> bytes:
+        return _string(item) if kind == GGUFValueType.STRING else struct.pack(_SCALAR_FORMATS[kind], item)
+
+    payload = struct.pack("<I", value_type)
+    if value_type == GGUFValueType.ARRAY:
+        payload += struct.pack("<IQ", item_type, len(value)) + b"".join(scalar(item_type, v) for v in value)
+    else:
+        payload += scalar(value_type, value)
+    return _string(key) + payload
+
+
+def copied_kv(field: gguf.ReaderField) -> bytes:
+    """A metadata entry of the input, byte for byte."""
+    return b"".join(np.asarray(part).tobytes() for part in field.parts)
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One output tensor's header entry: name, shape (ggml order, row length first), type, bytes."""
+
+    name: str
+    shape: tuple[int, ...]
+    ggml_type: gguf.GGMLQuantizationType
+    nbytes: int
+
+
+def _padding(size: int, alignment: int) -> int:
+    return -size % alignment
+
+
+def _header(kv_entries: list[bytes], slots: list[TensorSlot], alignment: int) -> bytes:
+    parts = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(slots), len(kv_entries)), *kv_entries]
+    offset = 0
+    for slot in slots:
+        parts.append(_string(slot.name))
+        parts.append(struct.pack("<I", len(slot.shape)) + struct.pack(f"<{len(slot.shape)}Q", *slot.shape))
+        parts.append(struct.pack("<IQ", slot.ggml_type, offset))
+        offset += slot.nbytes + _padding(slot.nbytes, alignment)
+    header = b"".join(parts)
+    return header + bytes(_padding(len(header), alignment))
+
+
+def temporary_path(path: Path) -> Path:
+    return path.with_name(path.name + ".tmp")
+
+
+def write_gguf(
+    path: str | Path,
+    kv_entries: list[bytes],
+    slots: list[TensorSlot],
+    produce: Callable[[int], Iterable[bytes | np.ndarray]],
+    alignment: int = DEFAULT_ALIGNMENT,
+    on_tensor_done: Callable[[TensorSlot], None] | None = None,
+) -> int:
+    """Write a GGUF atomically; produce(i) yields the data of slots[i] in pieces. Returns file bytes.
+
+    A tensor whose pieces do not add up to its slot's size is an error (the
+    file would not load), raised before the output is renamed into place.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise BpwoptError(f"{path.parent}: output directory does not exist")
+    temporary = temporary_path(path)
+    try:
+        with temporary.open("wb") as handle:
+            handle.write(_header(kv_entries, slots, alignment))
+            for index, slot in enumerate(slots):
+                written = sum(_write_piece(handle, piece) for piece in produce(index))
+                if written != slot.nbytes:
+                    raise BpwoptError(f"internal error: {slot.name} produced {written} bytes, expected {slot.nbytes}")
+                handle.write(bytes(_padding(written, alignment)))
+                if on_tensor_done:
+                    on_tensor_done(slot)
+            handle.flush()
+            os.fsync(handle.fileno())
+            size = handle.tell()
+        os.replace(temporary, path)
+    except OSError as error:
+        _discard(temporary)
+        raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from error
+    except BaseException:
+        _discard(temporary)
+        raise
+    _fsync_directory(path.parent)
+    return size
+
+
+def _write_piece(handle, piece: bytes | np.ndarray) -> int:
+    data = memoryview(np.ascontiguousarray(piece)).cast("B") if isinstance(piece, np.ndarray) else piece
+    handle.write(data)
+    return len(data)
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+def _fsync_directory(directory: Path) -> None:
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def chunks_of_rows(rows: np.ndarray, rows_per_chunk: int) -> Iterator[np.ndarray]:
+    for start in range(0, rows.shape[0], rows_per_chunk):
+        yield rows[start:start + rows_per_chunk]

@@ -1,0 +1,147 @@
+"""The write stage: a quantized GGUF from an input GGUF and one target type per tensor.
+
+Tensors whose target is their source type are copied byte for byte; others
+are dequantized slab by slab (the input is memory-mapped) and quantized with
+the same kernels measurement uses, with the imatrix of that tensor (one per
+expert for 3-D MoE tensors), exactly as llama-quantize does. Metadata is
+copied as llama-quantize copies it: split keys dropped, then
+general.quantization_version, general.file_type, the overrides, and the
+quantize.imatrix.* keys appended, plus bpwopt.* provenance keys.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+from tqdm import tqdm
+
+from bpwopt import codec
+from bpwopt.errors import BpwoptError
+from bpwopt.gguf_writer import DEFAULT_ALIGNMENT, TensorSlot, copied_kv, encode_kv, write_gguf
+from bpwopt.imatrix import Imatrix
+from bpwopt.quant_types import QUANT_TYPES
+
+GGML_QNT_VERSION = 2
+SLAB_BYTES = 64 << 20  # working memory per slab of rows (source + float32 + output)
+_SPLIT_KEYS = {"split.no", "split.count", "split.tensors.count"}
+
+KeyValue = tuple[GGUFValueType, object]
+
+
+@dataclass
+class WriteRequest:
+    """Everything the write stage needs; target_types maps tensor name -> output type, in output order."""
+
+    reader: gguf.GGUFReader
+    target_types: dict[str, GGMLQuantizationType]
+    file_type: int
+    imatrix: Imatrix | None = None
+    overrides: dict[str, KeyValue] = field(default_factory=dict)  # --override-kv, then imatrix keys
+    provenance: dict[str, KeyValue] = field(default_factory=dict)  # bpwopt.* keys
+    progress: bool = True
+
+
+def llama_tensor_order(names: list[str]) -> list[str]:
+    """llama-quantize's output order: by layer number (non-layer tensors first), then by name."""
+
+    def key(name: str) -> tuple[int, str]:
+        parts = name.split(".")
+        layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else -1
+        return layer, name
+
+    return sorted(names, key=key)
+
+
+def tensor_rows(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The raw bytes of a tensor as uint8 (rows, row_bytes), a view into the memory map."""
+    n_per_row = int(tensor.shape[0])
+    nrows = int(tensor.n_elements) // n_per_row
+    return np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(nrows, -1)
+
+
+def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType) -> np.ndarray:
+    """Dequantize rows of any ggml type to float32: our kernels where we have them, gguf's otherwise."""
+    if source_type == GGMLQuantizationType.F32:
+        return raw_rows.view(np.float32)
+    if source_type in QUANT_TYPES:
+        return codec.dequantize(np.ascontiguousarray(raw_rows), source_type)
+    return gguf.quants.dequantize(raw_rows, source_type).astype(np.float32)
+
+
+def output_row_bytes(target_type: GGMLQuantizationType, n_per_row: int) -> int:
+    block_size, block_bytes = gguf.GGML_QUANT_SIZES[target_type]
+    return n_per_row // block_size * block_bytes
+
+
+def _converted_pieces(
+    tensor: gguf.ReaderTensor, target_type: GGMLQuantizationType, imatrix: Imatrix | None
+) -> Iterator[np.ndarray]:
+    raw_rows = tensor_rows(tensor)
+    n_per_row = int(tensor.shape[0])
+    if target_type == tensor.tensor_type:
+        yield from (raw_rows[start:start + 4096] for start in range(0, raw_rows.shape[0], 4096))
+        return
+    n_expert = int(np.prod([int(n) for n in tensor.shape[2:]], dtype=np.int64)) if len(tensor.shape) > 2 else 1
+    rows_per_expert = raw_rows.shape[0] // n_expert
+    weights = imatrix.weights_for(tensor.name, n_per_row, n_expert) if imatrix else None
+    bytes_per_row = raw_rows.shape[1] + 4 * n_per_row + output_row_bytes(target_type, n_per_row)
+    rows_per_slab = max(1, min(rows_per_expert, SLAB_BYTES // bytes_per_row))
+    for expert in range(n_expert):
+        expert_weights = weights[expert] if weights is not None else None
+        for start in range(expert * rows_per_expert, (expert + 1) * rows_per_expert, rows_per_slab):
+            stop = min(start + rows_per_slab, (expert + 1) * rows_per_expert)
+            floats = rows_to_float(raw_rows[start:stop], tensor.tensor_type)
+            try:
+                yield codec.quantize(np.ascontiguousarray(floats), target_type, expert_weights)
+            except ValueError as error:
+                raise BpwoptError(f"{tensor.name}: cannot quantize to {target_type.name}: {error}") from error
+
+
+def _kv_entries(request: WriteRequest) -> list[bytes]:
+    replaced = {"general.quantization_version", "general.file_type"} | set(request.overrides)
+    replaced |= set(request.provenance) | _SPLIT_KEYS
+    entries = [
+        copied_kv(field)
+        for name, field in request.reader.fields.items()
+        if not name.startswith("GGUF.") and name not in replaced
+    ]
+    entries.append(encode_kv("general.quantization_version", GGUFValueType.UINT32, GGML_QNT_VERSION))
+    entries.append(encode_kv("general.file_type", GGUFValueType.UINT32, request.file_type))
+    for key, (value_type, value) in (request.overrides | request.provenance).items():
+        entries.append(encode_kv(key, value_type, value))
+    return entries
+
+
+def _alignment(reader: gguf.GGUFReader) -> int:
+    field = reader.fields.get("general.alignment")
+    return int(field.contents()) if field is not None else DEFAULT_ALIGNMENT
+
+
+def write_model(request: WriteRequest, path: str | Path) -> int:
+    """Quantize and write every tensor of request.target_types to path, atomically. Returns file bytes."""
+    by_name = {tensor.name: tensor for tensor in request.reader.tensors}
+    tensors = [by_name[name] for name in request.target_types]
+    slots = [
+        TensorSlot(
+            name=tensor.name,
+            shape=tuple(int(n) for n in tensor.shape),
+            ggml_type=target_type,
+            nbytes=tensor_rows(tensor).shape[0] * output_row_bytes(target_type, int(tensor.shape[0])),
+        )
+        for tensor, target_type in zip(tensors, request.target_types.values(), strict=True)
+    ]
+    total_bytes = sum(slot.nbytes for slot in slots)
+    with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not request.progress) as bar:
+        return write_gguf(
+            path,
+            _kv_entries(request),
+            slots,
+            lambda index: _converted_pieces(tensors[index], slots[index].ggml_type, request.imatrix),
+            alignment=_alignment(request.reader),
+            on_tensor_done=lambda slot: bar.update(slot.nbytes),
+        )
