@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 
 import numba
 import numpy as np
@@ -67,15 +68,15 @@ def main() -> None:
 
     print(f"single thread, {args.rows} x {args.cols} float32 gaussian ({megabytes:.1f} MB), "
           f"best of {args.repeats}; numba {numba.__version__}")
-    print(f"| type | imatrix | bpwopt MB/s | ggml MB/s | ratio |")
+    print("| type | imatrix | bpwopt MB/s | ggml MB/s | ratio |")
     print("| --- | --- | ---: | ---: | ---: |")
     for quant_type in QUANT_TYPES.values():
         for weights in (None, imatrix):
             if weights is not None and quant_type.block_size == 1:
                 continue
             bpwopt.quantize(x[:2], quant_type.name, weights)  # compile / load before timing
-            ours = best_seconds(lambda: bpwopt.quantize(x, quant_type.name, weights), args.repeats)
-            theirs = best_seconds(lambda: ggml_quantize(x, quant_type.name, weights), args.repeats)
+            ours = best_seconds(partial(bpwopt.quantize, x, quant_type.name, weights), args.repeats)
+            theirs = best_seconds(partial(ggml_quantize, x, quant_type.name, weights), args.repeats)
             print(f"| {quant_type.name} | {'yes' if weights is not None else 'no'} | "
                   f"{megabytes / ours:.1f} | {megabytes / theirs:.1f} | {theirs / ours:.2f} |")
 

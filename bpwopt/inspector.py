@@ -118,7 +118,10 @@ def inspect_gguf(path: str | Path) -> ModelSummary:
 
 
 def _total_row(total: GroupTotal) -> str:
-    return f"{total.label:<28} {total.tensors:>7} {total.elements:>14,} {total.data_bytes:>14,} {total.bits_per_weight:>7.3f}"
+    return (
+        f"{total.label:<28} {total.tensors:>7} {total.elements:>14,} {total.data_bytes:>14,} "
+        f"{total.bits_per_weight:>7.3f}"
+    )
 
 
 def format_summary(summary: ModelSummary, per_tensor: bool = False) -> str:

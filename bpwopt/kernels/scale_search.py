@@ -272,7 +272,7 @@ def make_qp_quants(nmax, x, L, weights):
     for i in range(n):
         level = min(nmax, nearest_int(iscale * x[i]))
         L[i] = level
-        fl = F32(L[i])
+        fl = F32(level)  # C sums the int level; L (uint8) keeps only its low byte
         sumlx += weights[i] * x[i] * fl
         suml2 += weights[i] * fl * fl
     for _ in range(5):
