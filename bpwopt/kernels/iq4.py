@@ -34,6 +34,7 @@ KVALUES_IQ4NL = np.array(
 )
 # The same levels as float32: int8 → float is exact, and the hot loops then skip the conversion.
 _LEVELS = KVALUES_IQ4NL.astype(np.float32)
+_LOWEST_LEVEL = int(KVALUES_IQ4NL[0])
 
 BLOCK, _NL_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL]
 SUPER_BLOCK, _XS_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_XS]
@@ -85,7 +86,7 @@ def _block_scale(block, weight):
     """Scale of one block: the least-squares scale of the best of 16 level assignments.
 
     The first assignment maps the extreme element to the most negative level;
-    the others map it to levels[0] + t for t in −7..7. Each candidate's
+    the others scale it to levels[0] + t for t in −7..7. Each candidate's
     least-squares scale d = Σwqx/Σwq² is kept if it lowers the error, i.e.
     raises (Σwqx)²/Σwq².
     """
@@ -101,7 +102,7 @@ def _block_scale(block, weight):
     d = sumqx / sumq2 if sumq2 > ZERO else ZERO
     best = d * sumqx
     for step in range(-_NTRY, _NTRY + 1):
-        inverse_scale = F32(step + np.int64(KVALUES_IQ4NL[0])) / max_value
+        inverse_scale = F32(step + _LOWEST_LEVEL) / max_value
         sumqx, sumq2 = _weighted_sums(block, weight, inverse_scale)
         if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
             d = sumqx / sumq2
@@ -163,8 +164,9 @@ def _quantize_super_block(x, imatrix, out, offset, scales, weight):
     sigma2 = sum_of_squares(x) * (F32(2) / F32(x.size)) if imatrix.size else ZERO
     for ib in range(n_blocks):
         start = ib * BLOCK
-        _block_weights(x[start:start + BLOCK], imatrix[start:start + BLOCK], sigma2, weight)
-        scales[ib] = _block_scale(x[start:start + BLOCK], weight)
+        block = x[start:start + BLOCK]
+        _block_weights(block, imatrix[start:start + BLOCK], sigma2, weight)
+        scales[ib] = _block_scale(block, weight)
     if n_blocks > 1:
         _store_block_multipliers(scales, out, offset)
         levels_offset = offset + _XS_QS
@@ -178,6 +180,7 @@ def _quantize_super_block(x, imatrix, out, offset, scales, weight):
 
 @njit(cache=True)
 def _quantize_iq4_row(x, imatrix, out, super_block, block_bytes):
+    """Both types' row kernel: the scratch is allocated once per row, not per super-block."""
     scales = np.empty(super_block // BLOCK, dtype=np.float32)
     weight = np.empty(BLOCK, dtype=np.float32)
     for sb in range(x.size // super_block):
