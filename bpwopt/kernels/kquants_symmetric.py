@@ -22,6 +22,7 @@ from bpwopt.kernels.numerics import (
     ZERO,
     load_fp16,
     nearest_int,
+    nearest_int32,
     store_fp16,
     sum_of_squares,
 )
@@ -69,18 +70,23 @@ def _largest_scale(sub_scales):
 
 
 @njit(cache=True)
-def _requantize(block, d, scale_levels, scale_bias, nmax, levels):
+def _requantize(block, d, scale_levels, scale_bias, nmax, levels, divisors):
     """Levels against the decoded sub-block scales d·(scale_level − scale_bias), clamped to −nmax..nmax−1.
 
     This is what makes the bytes consistent with the fp16 super-block scale.
-    A sub-block whose decoded scale is zero keeps the levels of the search, as in ggml.
+    A sub-block whose decoded scale is zero keeps the levels of the search, as
+    in ggml. Written as one flat loop over a per-element divisor (scratch of
+    QK_K floats), with int32 min/max and np.divide (no zero-division branch),
+    so that LLVM vectorizes it; the arithmetic is ggml's.
     """
     for j in range(N_SUB):
-        sub_d = d * F32(np.int64(scale_levels[j]) - scale_bias)
-        if sub_d == ZERO:
-            continue
-        for i in range(j * SUB, (j + 1) * SUB):
-            levels[i] = max(-nmax, min(nmax - 1, nearest_int(block[i] / sub_d))) + nmax
+        divisors[j * SUB:(j + 1) * SUB] = d * F32(np.int64(scale_levels[j]) - scale_bias)
+    low = np.int32(-nmax)
+    high = np.int32(nmax - 1)
+    for i in range(QK_K):
+        level = max(low, min(high, nearest_int32(np.divide(block[i], divisors[i])))) + np.int32(nmax)
+        search_level = np.int32(levels[i])  # int32 like `level`: mixed widths stop the vectorizer
+        levels[i] = search_level if divisors[i] == ZERO else level
 
 
 # ---------------------------------------------------------------- Q3_K
@@ -174,11 +180,12 @@ def _q3_imatrix_scales(block, importance, levels, sub_scales, weight, sub_weight
 
 
 @njit(cache=True)
-def _pack_q3_block(block, d, scale_levels, levels, out, offset):
+def _pack_q3_block(block, d, scale_levels, levels, divisors, out, offset):
     """Store scales and d, re-quantize against their decoded values, pack the levels."""
     _pack_q3_scales(scale_levels, out, offset + _Q3_SCALES)
     store_fp16(out, offset + _Q3_D, d)
-    _requantize(block, load_fp16(out, offset + _Q3_D), scale_levels, _Q3_SCALE_NMAX, _Q3_NMAX, levels)
+    d_stored = load_fp16(out, offset + _Q3_D)
+    _requantize(block, d_stored, scale_levels, _Q3_SCALE_NMAX, _Q3_NMAX, levels, divisors)
     _pack_q3_levels(levels, out, offset)
 
 
@@ -189,6 +196,7 @@ def quantize_row_q3_k(x, imatrix, out):
     scale_levels = np.empty(N_SUB, dtype=np.int8)
     weight = np.empty(SUB, dtype=np.float32)
     sub_weights = np.empty(N_SUB, dtype=np.float32)
+    divisors = np.empty(QK_K, dtype=np.float32)
     for b in range(x.size // QK_K):
         start = b * QK_K
         block = x[start:start + QK_K]
@@ -197,7 +205,7 @@ def quantize_row_q3_k(x, imatrix, out):
             d = _q3_imatrix_scales(block, importance, levels, sub_scales, weight, sub_weights, scale_levels)
         else:
             d = _q3_ref_scales(block, levels, sub_scales, scale_levels)
-        _pack_q3_block(block, d, scale_levels, levels, out, b * _Q3_K_BYTES)
+        _pack_q3_block(block, d, scale_levels, levels, divisors, out, b * _Q3_K_BYTES)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
@@ -264,12 +272,13 @@ def _q6_level(row, offset, e):
 
 
 @njit(cache=True)
-def _pack_q6_block(block, d, scale_levels, levels, out, offset):
+def _pack_q6_block(block, d, scale_levels, levels, divisors, out, offset):
     """Store scales and d, re-quantize against their decoded values, pack the levels."""
     for j in range(N_SUB):
         out[offset + _Q6_SCALES + j] = np.uint8(np.int64(scale_levels[j]) & 0xFF)
     store_fp16(out, offset + _Q6_D, d)
-    _requantize(block, load_fp16(out, offset + _Q6_D), scale_levels, 0, _Q6_NMAX, levels)
+    d_stored = load_fp16(out, offset + _Q6_D)
+    _requantize(block, d_stored, scale_levels, 0, _Q6_NMAX, levels, divisors)
     _pack_q6_levels(levels, out, offset)
 
 
@@ -278,6 +287,7 @@ def quantize_row_q6_k(x, imatrix, out):
     levels = np.empty(QK_K, dtype=np.int8)
     sub_scales = np.empty(N_SUB, dtype=np.float32)
     scale_levels = np.empty(N_SUB, dtype=np.int8)
+    divisors = np.empty(QK_K, dtype=np.float32)
     for b in range(x.size // QK_K):
         start = b * QK_K
         offset = b * _Q6_K_BYTES
@@ -287,7 +297,7 @@ def quantize_row_q6_k(x, imatrix, out):
         if d == ZERO:
             out[offset:offset + _Q6_K_BYTES] = 0
         else:
-            _pack_q6_block(block, d, scale_levels, levels, out, offset)
+            _pack_q6_block(block, d, scale_levels, levels, divisors, out, offset)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)

@@ -22,15 +22,29 @@ _ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves the integer i
 
 
 @njit(cache=True)
-def nearest_int(value):
+def nearest_int32(value):
     """ggml's nearest_int: round half to even through float32 addition of 1.5*2**23.
 
     Returns exactly what the C trick returns, also outside its documented
-    range (|value| > 4194303), where it wraps instead of saturating.
+    range (|value| > 4194303), where it wraps instead of saturating. The
+    result is an np.int32, so loops over it vectorize with 32-bit lanes.
     """
     shifted = F32(value) + _ROUNDING_MAGIC
     bits = np.int32(np.float32(shifted).view(np.int32))
-    return int((bits & 0x007FFFFF) - 0x00400000)
+    return (bits & np.int32(0x007FFFFF)) - np.int32(0x00400000)
+
+
+@njit(cache=True)
+def nearest_int(value):
+    """nearest_int32 as a Python int."""
+    return int(nearest_int32(value))
+
+
+@njit(cache=True)
+def nearest_int_float(value):
+    """nearest_int(value) as a float32, for |value| < 2**22: the same rounding without the
+    trip through an integer register, so loops over it vectorize. NaN stays NaN."""
+    return (F32(value) + _ROUNDING_MAGIC) - _ROUNDING_MAGIC
 
 
 @njit(cache=True)
