@@ -46,17 +46,6 @@ class WriteRequest:
     progress: bool = True
 
 
-def llama_tensor_order(names: list[str]) -> list[str]:
-    """llama-quantize's output order: by layer number (non-layer tensors first), then by name."""
-
-    def key(name: str) -> tuple[int, str]:
-        parts = name.split(".")
-        layer = int(parts[1]) if len(parts) > 2 and parts[0] == "blk" and parts[1].isdigit() else -1
-        return layer, name
-
-    return sorted(names, key=key)
-
-
 def tensor_rows(tensor: gguf.ReaderTensor) -> np.ndarray:
     """The raw bytes of a tensor as uint8 (rows, row_bytes), a view into the memory map."""
     n_per_row = int(tensor.shape[0])

@@ -1006,7 +1006,7 @@ def _plan_tensor(run: _Run, spec: TensorSpec, name: str, imatrix_kept: frozenset
     if quantizable:
         target, reason = _target_type(run, spec, name)
     else:
-        target, reason = spec.source_type, "never quantized"
+        target, reason = spec.source_type, "COPY" if run.preset.only_copy else "never quantized"
     converted = target != spec.source_type
     return TensorPlan(
         source_name=spec.name,

@@ -13,7 +13,7 @@ from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from bpwopt.kernels import floats, iq4, kquants, kquants_affine, kquants_symmetric, legacy
+from bpwopt.kernels import floats, iq4, kquants_affine, kquants_symmetric, legacy
 
 
 @dataclass(frozen=True)
@@ -45,7 +45,7 @@ class QuantType:
 
 def _build_registry() -> dict[GGMLQuantizationType, QuantType]:
     registry = {}
-    for family in (floats, legacy, kquants, kquants_affine, kquants_symmetric, iq4):
+    for family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
         for ggml_type, (quantize_row, dequantize_row) in family.KERNELS.items():
             block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
             registry[ggml_type] = QuantType(ggml_type, block_size, block_bytes, quantize_row, dequantize_row)

@@ -17,7 +17,8 @@ from gguf import GGMLQuantizationType as T
 from bpwopt.errors import BpwoptError
 from bpwopt.gguf_writer import TensorSlot, write_gguf
 from bpwopt.imatrix import check_imatrix_fits, load_imatrix
-from bpwopt.model_writer import WriteRequest, llama_tensor_order, tensor_rows, write_model
+from bpwopt.model_writer import WriteRequest, tensor_rows, write_model
+from bpwopt.policy import llama_cpp_order
 
 FTYPE_Q8_0 = 7
 
@@ -59,13 +60,13 @@ def test_q8_0_of_every_matrix_is_byte_identical_to_llama_quantize(demo_reader, l
 
 
 def test_output_order_is_llama_quantizes(demo_reader, llama_q8_0):
-    assert llama_tensor_order([t.name for t in demo_reader.tensors]) == [t.name for t in llama_q8_0.tensors]
+    assert llama_cpp_order([t.name for t in demo_reader.tensors]) == [t.name for t in llama_q8_0.tensors]
 
 
 def test_written_file_loads_and_generates_in_llama_cpp(demo_reader, tmp_path):
     targets = {name: T.Q4_0 if name.endswith("ffn_up.weight") else next(
         t.tensor_type for t in demo_reader.tensors if t.name == name) for name in
-        llama_tensor_order([t.name for t in demo_reader.tensors])}
+        llama_cpp_order([t.name for t in demo_reader.tensors])}
     out = tmp_path / "mixed.gguf"
     write_model(WriteRequest(reader=demo_reader, target_types=targets, file_type=3, progress=False), out)
     model = llama_cpp.Llama(str(out), n_ctx=128, verbose=False)
