@@ -481,6 +481,10 @@ class Rule:
         """The type the rule gives (most rules name it; one reads it from the options)."""
         return self.to if isinstance(self.to, GGMLQuantizationType) else self.to(s)
 
+    def explained(self, group: RuleGroup) -> str:
+        """Why, for logs: "attn_v: first two attn_v"."""
+        return f"{group.name}: {self.why}" if self.why else group.name
+
 
 def _rule(
     ftypes: Ftype | Collection[Ftype] | None,
@@ -556,8 +560,8 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
             _rule(None, _the_output_tensor_type, _output_type_given, "tied token_embd: --output-tensor-type"),
             _rule(F.MXFP4_MOE, Q.Q8_0, why="MXFP4_MOE output"),
             _rule(None, Q.Q8_0, _any(_falcon, _row_not_in_blocks), "falcon, or row not in whole blocks"),
-            _rule({F.IQ2_XXS, F.IQ2_XS, F.IQ3_XXS, F.IQ1_S, F.IQ2_S, F.IQ2_M, F.IQ1_M}, Q.Q5_K, why="output"),
-            _rule(None, Q.Q6_K, _not(_type_is(Q.Q8_0)), "output"),
+            _rule({F.IQ2_XXS, F.IQ2_XS, F.IQ3_XXS, F.IQ1_S, F.IQ2_S, F.IQ2_M, F.IQ1_M}, Q.Q5_K),
+            _rule(None, Q.Q6_K, _not(_type_is(Q.Q8_0))),
         ),
     ),
     RuleGroup(
@@ -572,9 +576,9 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         "token_embd",
         categories=frozenset({Category.TOKEN_EMBD}),
         rules=(
-            _rule(_IQ1_IQ2_XXS_XS, Q.Q2_K, why="token_embd"),
-            _rule({F.IQ2_S, F.IQ2_M, F.IQ3_XXS}, Q.IQ3_S, why="token_embd"),
-            _rule({F.TQ1_0, F.TQ2_0, F.Q2_0}, Q.Q4_K, why="token_embd"),
+            _rule(_IQ1_IQ2_XXS_XS, Q.Q2_K),
+            _rule({F.IQ2_S, F.IQ2_M, F.IQ3_XXS}, Q.IQ3_S),
+            _rule({F.TQ1_0, F.TQ2_0, F.Q2_0}, Q.Q4_K),
         ),
     ),
     RuleGroup(
@@ -584,8 +588,8 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         counter="attn_v",
         rules=(
             _rule(None, Q.Q4_K, _any(_gqa_4, lambda s: s.model.n_expert >= 4), "GQA >= 4 or >= 4 experts"),
-            _rule(_IQ2_S_M, Q.IQ3_S, why="attn_v"),
-            _rule(_IQ1_IQ2_XXS_XS, Q.Q2_K, why="attn_v"),
+            _rule(_IQ2_S_M, Q.IQ3_S),
+            _rule(_IQ1_IQ2_XXS_XS, Q.Q2_K),
         ),
     ),
     RuleGroup(
@@ -610,8 +614,8 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         ftypes=IQ_LOW_FTYPES,
         rules=(
             _rule(None, Q.Q5_K, _experts_8, "8 experts"),
-            _rule({F.IQ1_S, F.IQ1_M}, Q.IQ2_XXS, why="attn_output"),
-            _rule(_IQ2_S_M, Q.IQ3_S, why="attn_output"),
+            _rule({F.IQ1_S, F.IQ1_M}, Q.IQ2_XXS),
+            _rule(_IQ2_S_M, Q.IQ3_S),
         ),
     ),
     RuleGroup("IQ1/IQ2 other tensors", ftypes=IQ_LOW_FTYPES),
@@ -621,16 +625,16 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         counter="attn_v",
         rules=(
             _rule(F.Q2_K, Q.Q4_K, _gqa_4, "GQA >= 4"),
-            _rule(F.Q2_K, Q.Q3_K, why="attn_v"),
+            _rule(F.Q2_K, Q.Q3_K),
             _rule(F.Q2_K_S, Q.Q4_K, _gqa_4, "GQA >= 4"),
             _rule(F.IQ3_XXS, Q.Q4_K, _gqa_4, "GQA >= 4"),
             _rule(F.IQ3_XXS, Q.IQ3_S, _not(_imatrix), "no imatrix"),
-            _rule(F.IQ3_XXS, Q.IQ3_XXS, why="attn_v"),
+            _rule(F.IQ3_XXS, Q.IQ3_XXS),
             _rule({F.IQ3_XS, F.IQ3_S}, Q.Q4_K, _gqa_4, "GQA >= 4"),
-            _rule(F.IQ3_M, Q.Q4_K, why="attn_v"),
+            _rule(F.IQ3_M, Q.Q4_K),
             _rule(F.Q3_K_M, Q.Q5_K, _position_below(2), "first two attn_v"),
-            _rule(F.Q3_K_M, Q.Q4_K, why="attn_v"),
-            _rule(F.Q3_K_L, Q.Q5_K, why="attn_v"),
+            _rule(F.Q3_K_M, Q.Q4_K),
+            _rule(F.Q3_K_L, Q.Q5_K),
             _rule({F.IQ4_NL, F.IQ4_XS}, Q.Q5_K, _gqa_4, "GQA >= 4"),
             _rule({F.Q4_K_M, F.Q5_K_M}, Q.Q6_K, _more_bits, "use_more_bits layer"),
             _rule(F.Q4_K_S, Q.Q5_K, _position_below(4), "first four attn_v"),
@@ -646,16 +650,16 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         categories=frozenset({Category.ATTN_K}),
         rules=(
             _rule(None, Q.Q8_0, _experts_8, "8 experts"),
-            _rule(F.IQ3_XS, Q.IQ3_XXS, why="attn_k"),
-            _rule(F.IQ3_XXS, Q.IQ2_S, why="attn_k"),
+            _rule(F.IQ3_XS, Q.IQ3_XXS),
+            _rule(F.IQ3_XXS, Q.IQ2_S),
         ),
     ),
     RuleGroup(
         "attn_q",
         categories=frozenset({Category.ATTN_Q}),
         rules=(
-            _rule(F.IQ3_XS, Q.IQ3_XXS, why="attn_q"),
-            _rule(F.IQ3_XXS, Q.IQ2_S, why="attn_q"),
+            _rule(F.IQ3_XS, Q.IQ3_XXS),
+            _rule(F.IQ3_XXS, Q.IQ2_S),
         ),
     ),
     RuleGroup(
@@ -664,7 +668,7 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         counter="ffn_down",
         layer_from_name=True,
         rules=(
-            _rule(F.Q2_K, Q.Q3_K, why="ffn_down"),
+            _rule(F.Q2_K, Q.Q3_K),
             _rule(F.Q2_K_S, Q.Q4_K, _first_eighth, "first eighth of layers"),
             _rule(F.IQ3_XXS, Q.Q4_K, _all(_not(_imatrix), _first_eighth), "no imatrix, first eighth"),
             _rule(F.IQ3_XXS, Q.Q3_K, _not(_imatrix), "no imatrix"),
@@ -673,7 +677,7 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
             _rule(F.Q3_K_M, Q.Q3_K, why="falcon"),
             _rule(F.IQ3_M, Q.Q4_K, _any(_first_eighth, _all(_experts_8, _more_bits)), "first eighth"),
             _rule(F.Q3_K_L, Q.Q4_K, _falcon, "falcon"),
-            _rule(F.Q3_K_L, Q.Q5_K, why="ffn_down"),
+            _rule(F.Q3_K_L, Q.Q5_K),
             _rule(F.Q4_K_M, Q.Q6_K, _all(_falcon, _first_sixteenth), "falcon, first sixteenth"),
             _rule(F.Q4_K_M, Q.Q5_K, _all(_falcon, _more_bits), "falcon, use_more_bits layer"),
             _rule(F.Q4_K_M, Q.Q4_K, _falcon, "falcon"),
@@ -692,11 +696,11 @@ RULE_GROUPS: tuple[RuleGroup, ...] = (
         categories=frozenset({Category.ATTN_OUTPUT}),
         rules=(
             _rule(_ATTN_OUTPUT_8_EXPERTS, Q.Q5_K, _all(_NOT_FALCON, _experts_8), "8 experts"),
-            _rule(F.Q2_K, Q.Q3_K, _all(_NOT_FALCON, _not(_experts_8)), "attn_output"),
-            _rule(F.IQ3_XXS, Q.IQ3_S, _all(_NOT_FALCON, _not(_experts_8)), "attn_output"),
-            _rule(F.Q3_K_M, Q.Q4_K, _all(_NOT_FALCON, _not(_experts_8)), "attn_output"),
-            _rule(F.Q3_K_L, Q.Q5_K, _all(_NOT_FALCON, _not(_experts_8)), "attn_output"),
-            _rule(F.IQ3_M, Q.Q4_K, _all(_NOT_FALCON, _not(_experts_8)), "attn_output"),
+            _rule(F.Q2_K, Q.Q3_K, _all(_NOT_FALCON, _not(_experts_8))),
+            _rule(F.IQ3_XXS, Q.IQ3_S, _all(_NOT_FALCON, _not(_experts_8))),
+            _rule(F.Q3_K_M, Q.Q4_K, _all(_NOT_FALCON, _not(_experts_8))),
+            _rule(F.Q3_K_L, Q.Q5_K, _all(_NOT_FALCON, _not(_experts_8))),
+            _rule(F.IQ3_M, Q.Q4_K, _all(_NOT_FALCON, _not(_experts_8))),
             _rule(F.Q3_K_L, Q.Q4_K, _falcon, "falcon"),
         ),
     ),
@@ -757,10 +761,10 @@ def apply_rules(s: Situation, counters: RunningCounts) -> tuple[GGMLQuantization
         position, n_positions = counters.position(group, s)
         s = replace(s, position=position, n_positions=n_positions)
     rule = next((r for r in group.rules if r.applies(s)), None)
-    chosen, why = (rule.result(s), f"{group.name}: {rule.why}") if rule else (s.current_type, "preset")
+    chosen, why = (rule.result(s), rule.explained(group)) if rule else (s.current_type, "preset")
     for later in group.then:
         if later.applies(replace(s, current_type=chosen)):
-            chosen, why = later.result(s), f"{group.name}: {later.why}"
+            chosen, why = later.result(s), later.explained(group)
     counters.count(group)
     return chosen, why
 
