@@ -28,6 +28,7 @@ QK_K, _Q2_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]
 _Q4_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]
 _Q5_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q5_K][1]
 _LANES = 32  # byte l of a group of packed levels holds elements l, l+32, l+64, ...
+_D_DMIN_BYTES = 4  # fp16 d, then fp16 dmin
 _K_SCALE_SIZE = 12  # bytes of eight 6-bit scales and eight 6-bit mins
 
 # make_qkx2_quants step grid of the reference path (its rmin and nstep depend on the type)
@@ -56,10 +57,14 @@ class _KQuant(NamedTuple):
     ref_use_mad: bool
     ref_rms_weights: bool  # reference weights |x| + rms of the sub-block, else |x|
     sigma2_factor: np.float32  # imatrix path: σ² = factor · mean(x²) over the super-block
-    clamp_ref_scales: bool  # MIN(scale_nmax, level) on the uint8 scale levels, per path as in C
+    # Whether C applies MIN(scale_nmax, .) to the uint8 scale and min levels, per path. It
+    # matters: a negative sub-block scale wraps to a level ≥ 193, which Q5_K's imatrix
+    # path clamps to 63 while Q4_K's and Q2_K's let its high bits spill into the packing.
+    clamp_ref_scales: bool
     clamp_imatrix_scales: bool
 
 
+# block_q2_K: scales[QK_K/16], qs[QK_K/4], d, dmin
 _Q2_K = _KQuant(
     block_bytes=_Q2_K_BYTES,
     sub_size=16,
@@ -79,15 +84,16 @@ _Q2_K = _KQuant(
     clamp_ref_scales=False,
     clamp_imatrix_scales=False,
 )
+# block_q4_K: d, dmin, scales[12], qs[QK_K/2]
 _Q4_K = _KQuant(
     block_bytes=_Q4_K_BYTES,
     sub_size=32,
     nmax=15,
     scale_nmax=63,
     d=0,
-    scales=4,
+    scales=_D_DMIN_BYTES,
     six_bit_scales=True,
-    qs=4 + _K_SCALE_SIZE,
+    qs=_D_DMIN_BYTES + _K_SCALE_SIZE,
     qs_bits=4,
     qh=-1,
     ref_rmin=F32(-1.0),
@@ -98,11 +104,12 @@ _Q4_K = _KQuant(
     clamp_ref_scales=True,
     clamp_imatrix_scales=False,
 )
+# block_q5_K: d, dmin, scales[12], qh[QK_K/8], qs[QK_K/2]
 _Q5_K = _Q4_K._replace(
     block_bytes=_Q5_K_BYTES,
     nmax=31,
-    qs=4 + _K_SCALE_SIZE + QK_K // 8,
-    qh=4 + _K_SCALE_SIZE,
+    qs=_D_DMIN_BYTES + _K_SCALE_SIZE + QK_K // 8,
+    qh=_D_DMIN_BYTES + _K_SCALE_SIZE,
     ref_rmin=F32(-0.5),
     ref_nstep=15,
     clamp_imatrix_scales=True,
@@ -224,7 +231,7 @@ def _sub_block_scale_min(row, offset, j, six_bit_scales):
 # ---------------------------------------------------------------- levels
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # no per-element ZeroDivisionError test
 def _requantize(block, row, offset, kind, levels):
     """Levels against the decoded sub-block scale d·sc and min dmin·m, clamped to 0..nmax.
 
@@ -268,16 +275,23 @@ def _pack_levels(levels, kind, out, offset):
 
 
 @njit(cache=True)
-def _level(row, offset, e, kind):
-    """Level of element e of the block at offset; the inverse of _pack_levels."""
-    per_byte = 8 // kind.qs_bits
-    lane = e % _LANES
-    group, k = divmod(e // _LANES, per_byte)
-    packed = np.int64(row[offset + kind.qs + group * _LANES + lane])
-    level = (packed >> (kind.qs_bits * k)) & ((1 << kind.qs_bits) - 1)
-    if kind.qh >= 0:
-        level |= ((np.int64(row[offset + kind.qh + lane]) >> (e // _LANES)) & 1) << 4
-    return level
+def _unpack_sub_block(row, offset, j, kind, levels):
+    """Levels of sub-block j of the block at offset into levels; the inverse of _pack_levels.
+
+    A sub-block never straddles two 32-element columns, so one byte offset and
+    one shift serve all its elements.
+    """
+    first = j * kind.sub_size
+    column = first // _LANES
+    group, k = divmod(column, 8 // kind.qs_bits)
+    low_bits = offset + kind.qs + group * _LANES + first % _LANES
+    shift = kind.qs_bits * k
+    mask = (1 << kind.qs_bits) - 1
+    for i in range(kind.sub_size):
+        level = (np.int64(row[low_bits + i]) >> shift) & mask
+        if kind.qh >= 0:
+            level |= ((np.int64(row[offset + kind.qh + first % _LANES + i]) >> column) & 1) << 4
+        levels[i] = level
 
 
 # ---------------------------------------------------------------- rows
@@ -285,6 +299,7 @@ def _level(row, offset, e, kind):
 
 @njit(cache=True)
 def _quantize_super_block(block, importance, kind, out, offset, scratch):
+    """Search, quantize the sub-block scales and mins, store them, re-quantize and pack one block."""
     levels, aux, weights, sub_scales, sub_mins, sub_weights, scale_levels, min_levels = scratch
     _fit_sub_blocks(block, importance, kind, levels, aux, weights, sub_scales, sub_mins, sub_weights)
     use_imatrix = importance.size > 0
@@ -320,6 +335,7 @@ def _quantize_row(x, imatrix, out, kind):
 @njit(cache=True)
 def _dequantize_row(q, out, kind):
     """x = d·sc·level − dmin·m, in float32 in ggml's order."""
+    levels = np.empty(kind.sub_size, dtype=np.int64)
     for b in range(out.size // QK_K):
         offset = b * kind.block_bytes
         d = load_fp16(q, offset + kind.d)
@@ -328,8 +344,10 @@ def _dequantize_row(q, out, kind):
             scale_level, min_level = _sub_block_scale_min(q, offset + kind.scales, j, kind.six_bit_scales)
             sub_d = d * F32(scale_level)
             sub_min = dmin * F32(min_level)
-            for e in range(j * kind.sub_size, (j + 1) * kind.sub_size):
-                out[b * QK_K + e] = sub_d * F32(_level(q, offset, e, kind)) - sub_min
+            _unpack_sub_block(q, offset, j, kind, levels)
+            first = b * QK_K + j * kind.sub_size
+            for i in range(kind.sub_size):
+                out[first + i] = sub_d * F32(levels[i]) - sub_min
 
 
 @njit(QUANTIZE_ROW, cache=True)

@@ -198,7 +198,7 @@ def _affine_error(x, weights, L, scale, offset, use_mad):
     return total
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # x/0 gives ±inf or NaN as in C, not ZeroDivisionError
 def _make_affine_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, strict_range):
     """Shared body of make_qkx2_quants / make_qkx3_quants: levels 0..nmax, scale and min.
 
@@ -278,7 +278,7 @@ def make_qkx3_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
     return _make_affine_quants(nmax, x, element_weights, L, Laux, rmin, rdelta, nstep, use_mad, True)
 
 
-@njit(cache=True)
+@njit(cache=True, error_model="numpy")  # x/0 gives ±inf or NaN as in C, not ZeroDivisionError
 def make_qp_quants(nmax, x, L, weights):
     """Positive-only levels 0..nmax for the super-block scales of Q2_K/Q4_K/Q5_K with an imatrix."""
     n = x.size
