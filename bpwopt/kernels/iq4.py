@@ -19,6 +19,7 @@ from bpwopt.kernels.numerics import (
     GROUP_MAX_EPS,
     ONE,
     ZERO,
+    inverse_or_zero,
     load_fp16,
     load_u16,
     nearest_int,
@@ -27,7 +28,7 @@ from bpwopt.kernels.numerics import (
     sum_of_squares,
 )
 from bpwopt.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.kernels.scale_search import best_index_int8
+from bpwopt.kernels.scale_search import best_index_int8, signed_max
 
 KVALUES_IQ4NL = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
@@ -45,11 +46,6 @@ _XS_SCALES_L = 4  # uint8[SUPER_BLOCK/64]: bits 0..3 of the block scales, two pe
 _XS_QS = _XS_BYTES - SUPER_BLOCK // 2
 _XS_SCALE_BIAS = 32  # block multipliers −32..31 are stored as 0..63
 _NTRY = 7  # scale candidates on each side of the first guess, as ggml_quantize_chunk uses
-
-
-@njit(cache=True)
-def _inverse(d):
-    return ONE / d if d != ZERO else ZERO
 
 
 @njit(cache=True)
@@ -90,12 +86,7 @@ def _block_scale(block, weight):
     least-squares scale d = Σwqx/Σwq² is kept if it lowers the error, i.e.
     raises (Σwqx)²/Σwq².
     """
-    max_value = ZERO
-    amax = ZERO
-    for value in block:
-        if abs(value) > amax:
-            amax = abs(value)
-            max_value = value
+    max_value, amax = signed_max(block)
     if amax < GROUP_MAX_EPS:
         return ZERO
     sumqx, sumq2 = _weighted_sums(block, weight, ONE / (-max_value / _LEVELS[0]))
@@ -119,15 +110,10 @@ def _store_block_multipliers(scales, out, offset):
     block scale by d·l, the scale its levels are then chosen for (computed
     from the float32 d, as ggml does, not from the stored fp16).
     """
-    largest = ZERO
-    amax = ZERO
-    for scale in scales:
-        if abs(scale) > amax:
-            amax = abs(scale)
-            largest = scale
+    largest, _ = signed_max(scales)
     d = -largest / F32(_XS_SCALE_BIAS)
     store_fp16(out, offset, d)
-    inverse_d = _inverse(d)
+    inverse_d = inverse_or_zero(d)
     scales_h = 0
     for ib in range(scales.size):
         multiplier = max(-_XS_SCALE_BIAS, min(_XS_SCALE_BIAS - 1, nearest_int(inverse_d * scales[ib])))
@@ -145,7 +131,7 @@ def _store_block_multipliers(scales, out, offset):
 @njit(cache=True)
 def _store_levels(block, scale, out, offset):
     """The nearest level of every x/scale, packed two per byte: element j low, j+16 high."""
-    inverse_scale = _inverse(scale)
+    inverse_scale = inverse_or_zero(scale)
     for j in range(HALF_BLOCK):
         low = _nearest_level(inverse_scale * block[j])
         high = _nearest_level(inverse_scale * block[j + HALF_BLOCK])

@@ -27,7 +27,7 @@ from bpwopt.kernels.numerics import (
     sum_of_squares,
 )
 from bpwopt.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.kernels.scale_search import make_q3_quants, make_qx_quants
+from bpwopt.kernels.scale_search import make_q3_quants, make_qx_quants, signed_max
 
 QK_K, _Q3_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q3_K]
 _Q6_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K][1]
@@ -55,18 +55,6 @@ def _reciprocal(value):
     if value == ZERO:
         return F32(math.copysign(math.inf, value))
     return ONE / value
-
-
-@njit(cache=True)
-def _largest_scale(sub_scales):
-    """The sub-block scale of largest magnitude (first on ties, NaNs skipped), as ggml picks it."""
-    max_scale = ZERO
-    max_abs = ZERO
-    for scale in sub_scales:
-        if abs(scale) > max_abs:
-            max_abs = abs(scale)
-            max_scale = scale
-    return max_scale
 
 
 @njit(cache=True)
@@ -149,7 +137,7 @@ def _q3_ref_scales(block, levels, sub_scales, scale_levels):
     for j in range(N_SUB):
         sub = slice(j * SUB, (j + 1) * SUB)
         sub_scales[j] = make_q3_quants(_Q3_NMAX, block[sub], levels[sub], True)
-    max_scale = _largest_scale(sub_scales)
+    max_scale, _ = signed_max(sub_scales)
     if max_scale == ZERO:
         scale_levels[:] = 0
         return ZERO
@@ -234,7 +222,7 @@ def _q6_scales(block, importance, levels, sub_scales, scale_levels):
         sub = slice(j * SUB, (j + 1) * SUB)
         weights = importance[sub] if importance.size else importance
         sub_scales[j] = make_qx_quants(_Q6_NMAX, block[sub], levels[sub], 1, weights)
-    max_scale = _largest_scale(sub_scales)
+    max_scale, _ = signed_max(sub_scales)
     if abs(max_scale) < GROUP_MAX_EPS:
         return ZERO
     iscale = F32(-128) / max_scale

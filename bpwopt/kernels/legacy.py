@@ -13,15 +13,15 @@ from numba import njit
 from bpwopt.kernels.numerics import (
     F32,
     HALF,
-    ONE,
     ZERO,
+    inverse_or_zero,
     load_fp16,
     roundf,
     store_fp16,
     sum_of_squares,
 )
 from bpwopt.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.kernels.scale_search import _signed_max, make_qkx3_quants, make_qx_quants
+from bpwopt.kernels.scale_search import make_qkx3_quants, make_qx_quants, signed_max
 
 QK, _ = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
 HALF_QK = QK // 2
@@ -52,11 +52,6 @@ def _to_int8(value):
 @njit(cache=True)
 def _to_uint8(value):
     return c_float_to_int(value) & 0xFF
-
-
-@njit(cache=True)
-def _inverse(d):
-    return ONE / d if d != ZERO else ZERO
 
 
 @njit(cache=True)
@@ -103,9 +98,9 @@ def _pack_high_bits(levels, out, offset):
 @njit(cache=True)
 def _symmetric_ref_levels(x, nmax, levels):
     """Q4_0/Q5_0 reference: d = max / −nmax, levels = trunc(x/d + nmax + ½); returns d."""
-    max_value, _ = _signed_max(x)
+    max_value, _ = signed_max(x)
     d = max_value / F32(-nmax)
-    inverse_d = _inverse(d)
+    inverse_d = inverse_or_zero(d)
     offset = F32(nmax) + HALF
     for j in range(QK):
         levels[j] = min(2 * nmax - 1, _to_int8(x[j] * inverse_d + offset)) & 0xFF
@@ -117,7 +112,7 @@ def _affine_ref_levels(x, nmax, levels, clamp):
     """Q4_1/Q5_1 reference: d = (max − min)/nmax, levels = trunc((x − min)/d + ½); returns (d, min)."""
     lo, hi = _min_max(x)
     d = (hi - lo) / F32(nmax)
-    inverse_d = _inverse(d)
+    inverse_d = inverse_or_zero(d)
     for j in range(QK):
         scaled = (x[j] - lo) * inverse_d + HALF
         levels[j] = min(nmax, _to_int8(scaled)) & 0xFF if clamp else _to_uint8(scaled)
@@ -217,7 +212,7 @@ def quantize_row_q8_0(x, imatrix, out):
         for value in values:
             amax = max(amax, abs(value))
         d = amax / F32(127)
-        inverse_d = _inverse(d)
+        inverse_d = inverse_or_zero(d)
         offset = block * _Q8_0_BYTES
         store_fp16(out, offset, d)
         for j in range(QK):

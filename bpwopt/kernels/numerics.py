@@ -60,6 +60,12 @@ def roundf(value):
 
 
 @njit(cache=True)
+def inverse_or_zero(d):
+    """ggml's `id = d ? 1/d : 0`: the inverse scale, 0 for an all-zero block."""
+    return ONE / d if d != ZERO else ZERO
+
+
+@njit(cache=True)
 def fp32_to_fp16_bits(value):
     """IEEE binary16 bits of a float32, round to nearest even, as ggml converts it."""
     scale_to_inf = np.uint32(0x77800000).view(np.float32)

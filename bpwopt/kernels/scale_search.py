@@ -35,8 +35,12 @@ def _rmse_weight(x, weights, i, rmse_type):
 
 
 @njit(cache=True)
-def _signed_max(x):
-    """The element of largest magnitude (first one on ties) and that magnitude."""
+def signed_max(x):
+    """The element of largest magnitude (first one on ties, NaNs skipped) and that magnitude.
+
+    ggml picks block maxima and super-block scales this way everywhere: the sign
+    of the extreme element matters, so it is kept.
+    """
     amax = ZERO
     max_value = ZERO
     for value in x:
@@ -112,7 +116,7 @@ def make_qx_quants(nmax, x, L, rmse_type, weights):
     compared in ggml's order, so the choice is ggml's.
     """
     n = x.size
-    max_value, amax = _signed_max(x)
+    max_value, amax = signed_max(x)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
@@ -144,7 +148,7 @@ def make_qx_quants(nmax, x, L, rmse_type, weights):
 def make_q3_quants(nmax, x, L, do_rmse):
     """Q3_K's reference search: greedy per-element level moves weighted by x²."""
     n = x.size
-    max_value, amax = _signed_max(x)
+    max_value, amax = signed_max(x)
     if amax < GROUP_MAX_EPS:
         for i in range(n):
             L[i] = 0
