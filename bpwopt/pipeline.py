@@ -1,24 +1,34 @@
-"""The llama-quantize job as one function: read, choose types (policy), write.
+"""The steps every job shares — open the source, plan types, write — and the llama-quantize job.
 
 `quantize_file` is what the command line calls for `bpwopt IN [OUT] TYPE`;
 it is plain data in (a QuantizeJob) and plain data out (a QuantizeReport).
+The optimizer (`bpwopt.optimizer`) uses the same steps with its own types.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from gguf import GGUFValueType
+import gguf
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
 from bpwopt.errors import BpwoptError
-from bpwopt.imatrix import check_imatrix_fits, load_imatrix
+from bpwopt.imatrix import Imatrix, check_imatrix_fits, load_imatrix
 from bpwopt.inspector import open_gguf
 from bpwopt.model_writer import KeyValue, WriteRequest, output_row_bytes, write_model
-from bpwopt.policy import QuantizeOptions, TensorPlan, TypePlan, plan_types, read_model_info, read_tensor_specs
-from bpwopt.presets import parse_type_argument
+from bpwopt.policy import (
+    ModelInfo,
+    QuantizeOptions,
+    TensorSpec,
+    TypePlan,
+    plan_types,
+    read_model_info,
+    read_tensor_specs,
+)
+from bpwopt.presets import TypeChoice, parse_type_argument
 
 _IMATRIX_TEXT_LIMIT = 127  # llama-quantize truncates these strings to its 128-byte override buffer
 
@@ -53,12 +63,101 @@ class QuantizeReport:
         return 8.0 * self.output_data_bytes / self.elements
 
 
+@dataclass(frozen=True)
+class SourceModel:
+    """An input GGUF opened for quantizing: the memory-mapped reader, model facts, tensors and imatrix."""
+
+    path: Path
+    reader: gguf.GGUFReader
+    model: ModelInfo
+    specs: list[TensorSpec]
+    imatrix: Imatrix | None  # after --include-weights / --exclude-weights
+    options: QuantizeOptions  # the user's, with the imatrix's entry names filled in
+
+    @property
+    def tensors_by_name(self) -> dict[str, gguf.ReaderTensor]:
+        return {tensor.name: tensor for tensor in self.reader.tensors}
+
+    @property
+    def input_bytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.reader.tensors)
+
+
+def open_source(input_path: Path, imatrix_path: Path | None, options: QuantizeOptions) -> SourceModel:
+    """Open the input and its imatrix; refuses what llama-quantize refuses before planning."""
+    if options.prune_layers:
+        raise BpwoptError("--prune-layers is not supported by bpwopt yet")
+    reader = open_gguf(input_path)
+    model = read_model_info(reader)
+    specs = read_tensor_specs(reader)
+    imatrix = None
+    if imatrix_path is not None:
+        imatrix = load_imatrix(imatrix_path)
+        check_imatrix_fits(imatrix, {spec.name for spec in specs})
+        imatrix = imatrix.filtered(list(options.include_weights), list(options.exclude_weights))
+        options = replace(options, imatrix_names=frozenset(imatrix.entries))
+    return SourceModel(Path(input_path), reader, model, specs, imatrix, options)
+
+
+def plan_preset(source: SourceModel, type_text: str) -> tuple[TypeChoice, TypePlan]:
+    """llama.cpp's types for the preset TYPE names, refusing types bpwopt cannot write."""
+    choice = parse_type_argument(type_text, is_clip=source.model.architecture == "clip")
+    plan = plan_types(source.specs, source.model, choice.preset, source.options)
+    unsupported = plan.unsupported_types()
+    if unsupported:
+        name, ggml_type = next(iter(unsupported.items()))
+        raise BpwoptError(f"bpwopt cannot produce {ggml_type.name} yet (needed for {name} by {choice.preset.name})")
+    return choice, plan
+
+
 def default_output_path(input_path: Path, type_name: str) -> Path:
     """llama-quantize's default: ggml-model-<TYPE>.gguf beside the input."""
     return input_path.parent / f"ggml-model-{type_name}.gguf"
 
 
-def _imatrix_keys(imatrix, entries: int) -> dict[str, KeyValue]:
+def check_output_path(input_path: Path, output_path: Path) -> None:
+    if output_path.exists() and os.path.samefile(output_path, input_path):
+        raise BpwoptError(f"input and output files are the same: {output_path}")
+
+
+def plan_data_bytes(source: SourceModel, types: dict[str, GGMLQuantizationType]) -> tuple[int, int]:
+    """(elements, tensor data bytes) of the output, as llama.cpp's size line counts them (no padding)."""
+    by_name = source.tensors_by_name
+    elements = sum(int(by_name[name].n_elements) for name in types)
+    data_bytes = sum(tensor_output_bytes(by_name[name], ggml_type) for name, ggml_type in types.items())
+    return elements, data_bytes
+
+
+def tensor_output_bytes(tensor: gguf.ReaderTensor, ggml_type: GGMLQuantizationType) -> int:
+    """Bytes of one tensor's data once converted to ggml_type (no alignment padding)."""
+    n_per_row = int(tensor.shape[0])
+    return int(tensor.n_elements) // n_per_row * output_row_bytes(ggml_type, n_per_row)
+
+
+def write_request(
+    source: SourceModel,
+    types: dict[str, GGMLQuantizationType],
+    file_type: int | None,
+    overrides: dict[str, KeyValue],
+    provenance: dict[str, KeyValue],
+    progress: bool = True,
+) -> WriteRequest:
+    """What the write stage needs for these types: metadata as llama-quantize writes it, plus ours."""
+    overrides = dict(overrides)
+    if source.imatrix is not None:
+        overrides |= _imatrix_keys(source.imatrix, len(source.imatrix.entries))
+    return WriteRequest(
+        reader=source.reader,
+        target_types=types,
+        file_type=file_type if file_type is not None else _input_file_type(source.reader),
+        imatrix=source.imatrix,
+        overrides=overrides,
+        provenance={"bpwopt.version": (GGUFValueType.STRING, __version__), **provenance},
+        progress=progress,
+    )
+
+
+def _imatrix_keys(imatrix: Imatrix, entries: int) -> dict[str, KeyValue]:
     file_name = str(imatrix.path)[:_IMATRIX_TEXT_LIMIT]
     keys: dict[str, KeyValue] = {"quantize.imatrix.file": (GGUFValueType.STRING, file_name)}
     if imatrix.datasets:
@@ -72,65 +171,30 @@ def _imatrix_keys(imatrix, entries: int) -> dict[str, KeyValue]:
 
 def quantize_file(job: QuantizeJob) -> QuantizeReport:
     """Quantize job.input_path with llama.cpp's policy for the preset in job.type_text."""
-    if job.options.prune_layers:
-        raise BpwoptError("--prune-layers is not supported by bpwopt yet")
-    reader = open_gguf(job.input_path)
-    model = read_model_info(reader)
-    choice = parse_type_argument(job.type_text, is_clip=model.architecture == "clip")
-    specs = read_tensor_specs(reader)
-    imatrix = None
-    options = job.options
-    if job.imatrix_path is not None:
-        imatrix = load_imatrix(job.imatrix_path)
-        check_imatrix_fits(imatrix, {spec.name for spec in specs})
-        imatrix = imatrix.filtered(list(options.include_weights), list(options.exclude_weights))
-        options = QuantizeOptions(**{**options.__dict__, "imatrix_names": frozenset(imatrix.entries)})
-    plan = plan_types(specs, model, choice.preset, options)
-    unsupported = plan.unsupported_types()
-    if unsupported:
-        name, ggml_type = next(iter(unsupported.items()))
-        raise BpwoptError(f"bpwopt cannot produce {ggml_type.name} yet (needed for {name} by {choice.preset.name})")
+    source = open_source(job.input_path, job.imatrix_path, job.options)
+    choice, plan = plan_preset(source, job.type_text)
     output_path = job.output_path or default_output_path(job.input_path, choice.preset.name)
-    if not job.dry_run and output_path.exists() and os.path.samefile(output_path, job.input_path):
-        raise BpwoptError(f"input and output files are the same: {output_path}")
-    by_name = {tensor.name: tensor for tensor in reader.tensors}
-    elements = sum(int(by_name[t.source_name].n_elements) for t in plan.tensors)
-    data_bytes = sum(int(by_name[t.source_name].n_elements) // t.shape[0] * _row_bytes(t) for t in plan.tensors)
+    if not job.dry_run:
+        check_output_path(job.input_path, output_path)
+    types = plan.types()
+    elements, data_bytes = plan_data_bytes(source, types)
     file_bytes = None
     if not job.dry_run:
-        overrides = dict(job.overrides)
-        if imatrix is not None:
-            overrides |= _imatrix_keys(imatrix, len(imatrix.entries))
-        file_type = plan.file_type if plan.file_type is not None else _input_file_type(reader)
-        request = WriteRequest(
-            reader=reader,
-            target_types=plan.types(),
-            file_type=file_type,
-            imatrix=imatrix,
-            overrides=overrides,
-            provenance={
-                "bpwopt.version": (GGUFValueType.STRING, __version__),
-                "bpwopt.recipe": (GGUFValueType.STRING, choice.preset.name),
-            },
-            progress=job.progress,
-        )
+        recipe = {"bpwopt.recipe": (GGUFValueType.STRING, choice.preset.name)}
+        request = write_request(source, types, plan.file_type, job.overrides, recipe, job.progress)
         file_bytes = write_model(request, output_path)
     return QuantizeReport(
         output_path=None if job.dry_run else output_path,
         type_reading=choice.describe(),
         plan=plan,
-        input_bytes=sum(int(t.n_bytes) for t in reader.tensors),
+        input_bytes=source.input_bytes,
         output_data_bytes=data_bytes,
         file_bytes=file_bytes,
         elements=elements,
     )
 
 
-def _row_bytes(tensor: TensorPlan) -> int:
-    return output_row_bytes(tensor.target_type, tensor.shape[0])
-
-
-def _input_file_type(reader) -> int:
+def _input_file_type(reader: gguf.GGUFReader) -> int:
     """COPY keeps the input's general.file_type (llama-quantize's only_copy)."""
     field = reader.fields.get("general.file_type")
     return int(field.contents()) if field is not None else 0

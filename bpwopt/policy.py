@@ -336,6 +336,7 @@ class QuantizeOptions:
     imatrix_names: frozenset[str] | None = None  # entry names of --imatrix FILE; None without one
     include_weights: tuple[str, ...] = ()  # --include-weights: use imatrix only for names containing these
     exclude_weights: tuple[str, ...] = ()  # --exclude-weights: never for names containing these
+    ignore: tuple[str, ...] = ()  # --ignore REGEX (bpwopt's own): matching tensors keep their source type
 
 
 def parse_tensor_type_option(text: str) -> tuple[str, GGMLQuantizationType]:
@@ -785,6 +786,7 @@ class TensorPlan:
     source_type: GGMLQuantizationType
     target_type: GGMLQuantizationType
     quantizable: bool  # False: norms, 1-D tensors, routers… always keep their type
+    pinned: bool  # the user fixed this tensor's type (--tensor-type, --ignore, output/embedding types)
     uses_imatrix: bool  # converted with an imatrix entry
     requires_imatrix: bool  # llama.cpp refuses to write this type without one
     reason: str  # why this type, for logs
@@ -888,27 +890,32 @@ class _Run:
     model: ModelInfo
     options: QuantizeOptions
     overrides: list[tuple[re.Pattern[str], GGMLQuantizationType]]
+    ignores: list[re.Pattern[str]]
     has_imatrix: bool
     tied_embeddings: bool
     counters: RunningCounts
     n_fallback: int = 0
 
 
-def _target_type(run: _Run, spec: TensorSpec, name: str) -> tuple[GGMLQuantizationType, str]:
-    """llama_tensor_get_type for a quantizable tensor: options first, then the preset's rules."""
+def _target_type(run: _Run, spec: TensorSpec, name: str) -> tuple[GGMLQuantizationType, str, bool]:
+    """llama_tensor_get_type for a quantizable tensor: options first, then the preset's rules.
+
+    Returns the type, why, and whether a user option (not the preset) chose it.
+    """
     options, category = run.options, tensor_category(name)
     if options.token_embedding_type is not None and category == Category.TOKEN_EMBD:
         # per_layer_token_embd is a big table of its own: a --tensor-type naming it wins
         named = name == "per_layer_token_embd.weight" and any(p.search(name) for p, _ in run.overrides)
         if not named:
-            return options.token_embedding_type, "--token-embedding-type"
+            return options.token_embedding_type, "--token-embedding-type", True
     if options.output_tensor_type is not None and category == Category.OUTPUT:
-        return options.output_tensor_type, "--output-tensor-type"
+        return options.output_tensor_type, "--output-tensor-type", True
     base_type = run.preset.base_type
     assert base_type is not None
     if not is_quantized(base_type):
-        return base_type, "preset"
+        return base_type, "preset", False
     override = next(((p, t) for p, t in run.overrides if p.search(name)), None)
+    pinned = override is not None
     if override is not None:
         chosen, why = override[1], f"--tensor-type {override[0].pattern}"
     elif options.pure:
@@ -930,17 +937,24 @@ def _target_type(run: _Run, spec: TensorSpec, name: str) -> tuple[GGMLQuantizati
     if fitted != chosen:
         run.n_fallback += 1
         why += f"; row length {spec.row_length} not a multiple of {block_size(chosen)}: {chosen.name} -> {fitted.name}"
-    return fitted, why
+    return fitted, why, pinned
+
+
+def compile_pattern(pattern: str, option: str) -> re.Pattern[str]:
+    """A user's regex, or a BpwoptError naming the option it came from."""
+    try:
+        return re.compile(pattern)
+    except re.error as error:
+        raise BpwoptError(f"invalid {option} regex {pattern!r}: {error}") from None
 
 
 def _compile_overrides(tensor_types: Sequence[tuple[str, GGMLQuantizationType]]):
-    compiled = []
-    for pattern, ggml_type in tensor_types:
-        try:
-            compiled.append((re.compile(pattern), ggml_type))
-        except re.error as error:
-            raise BpwoptError(f"invalid --tensor-type regex {pattern!r}: {error}") from None
-    return compiled
+    return [(compile_pattern(pattern, "--tensor-type"), ggml_type) for pattern, ggml_type in tensor_types]
+
+
+def _compile_ignores(patterns: Sequence[str]) -> list[re.Pattern[str]]:
+    """--ignore REGEX; a leading `re:` is accepted (and dropped) for compatibility."""
+    return [compile_pattern(p.removeprefix("re:"), "--ignore") for p in patterns]
 
 
 def plan_types(
@@ -973,6 +987,7 @@ def plan_types(
         model=model,
         options=options,
         overrides=_compile_overrides(options.tensor_types),
+        ignores=_compile_ignores(options.ignore),
         has_imatrix=bool(imatrix_kept),
         tied_embeddings=Category.OUTPUT not in categories,
         counters=RunningCounts(
@@ -1007,8 +1022,11 @@ def _plan_tensor(run: _Run, spec: TensorSpec, name: str, imatrix_kept: frozenset
         leave_output_tensor=run.options.leave_output_tensor,
         only_copy=run.preset.only_copy,
     )
-    if quantizable:
-        target, reason = _target_type(run, spec, name)
+    pinned = False
+    if quantizable and any(pattern.search(name) for pattern in run.ignores):
+        target, reason, pinned = spec.source_type, "--ignore", True
+    elif quantizable:
+        target, reason, pinned = _target_type(run, spec, name)
     else:
         target, reason = spec.source_type, "COPY" if run.preset.only_copy else "never quantized"
     converted = target != spec.source_type
@@ -1020,6 +1038,7 @@ def _plan_tensor(run: _Run, spec: TensorSpec, name: str, imatrix_kept: frozenset
         source_type=spec.source_type,
         target_type=target,
         quantizable=quantizable,
+        pinned=pinned,
         uses_imatrix=converted and spec.name in imatrix_kept,  # imatrix entries keep the source names
         requires_imatrix=quantizable and _requires_imatrix(name, target, run.preset.ftype),
         reason=reason,
