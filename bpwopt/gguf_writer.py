@@ -72,6 +72,16 @@ def _padding(size: int, alignment: int) -> int:
     return -size % alignment
 
 
+def padded_size(size: int, alignment: int = DEFAULT_ALIGNMENT) -> int:
+    """Bytes a tensor of `size` data bytes occupies in the file, alignment padding included."""
+    return size + _padding(size, alignment)
+
+
+def file_size(kv_entries: list[bytes], slots: list[TensorSlot], alignment: int = DEFAULT_ALIGNMENT) -> int:
+    """The exact size write_gguf will give this file, known before any tensor is produced."""
+    return len(_header(kv_entries, slots, alignment)) + sum(padded_size(s.nbytes, alignment) for s in slots)
+
+
 def _header(kv_entries: list[bytes], slots: list[TensorSlot], alignment: int) -> bytes:
     parts = [b"GGUF", struct.pack("<IQQ", GGUF_VERSION, len(slots), len(kv_entries)), *kv_entries]
     offset = 0

@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from bpwopt import codec
 from bpwopt.errors import BpwoptError
-from bpwopt.gguf_writer import DEFAULT_ALIGNMENT, TensorSlot, copied_kv, encode_kv, write_gguf
+from bpwopt.gguf_writer import DEFAULT_ALIGNMENT, TensorSlot, copied_kv, encode_kv, file_size, write_gguf
 from bpwopt.imatrix import Imatrix
 from bpwopt.quant_types import QUANT_TYPES
 
@@ -106,16 +106,14 @@ def _kv_entries(request: WriteRequest) -> list[bytes]:
     return entries
 
 
-def _alignment(reader: gguf.GGUFReader) -> int:
+def output_alignment(reader: gguf.GGUFReader) -> int:
+    """The data alignment the output keeps from the input (general.alignment, else GGUF's 32)."""
     field = reader.fields.get("general.alignment")
     return int(field.contents()) if field is not None else DEFAULT_ALIGNMENT
 
 
-def write_model(request: WriteRequest, path: str | Path) -> int:
-    """Quantize and write every tensor of request.target_types to path, atomically. Returns file bytes."""
-    by_name = {tensor.name: tensor for tensor in request.reader.tensors}
-    tensors = [by_name[name] for name in request.target_types]
-    slots = [
+def _slots(request: WriteRequest, tensors: list[gguf.ReaderTensor]) -> list[TensorSlot]:
+    return [
         TensorSlot(
             name=tensor.name,
             shape=tuple(int(n) for n in tensor.shape),
@@ -124,6 +122,22 @@ def write_model(request: WriteRequest, path: str | Path) -> int:
         )
         for tensor, target_type in zip(tensors, request.target_types.values(), strict=True)
     ]
+
+
+def _tensors(request: WriteRequest) -> list[gguf.ReaderTensor]:
+    by_name = {tensor.name: tensor for tensor in request.reader.tensors}
+    return [by_name[name] for name in request.target_types]
+
+
+def planned_file_bytes(request: WriteRequest) -> int:
+    """The size write_model will give this file (header, metadata and padding included)."""
+    return file_size(_kv_entries(request), _slots(request, _tensors(request)), output_alignment(request.reader))
+
+
+def write_model(request: WriteRequest, path: str | Path) -> int:
+    """Quantize and write every tensor of request.target_types to path, atomically. Returns file bytes."""
+    tensors = _tensors(request)
+    slots = _slots(request, tensors)
     total_bytes = sum(slot.nbytes for slot in slots)
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not request.progress) as bar:
         return write_gguf(
@@ -131,6 +145,6 @@ def write_model(request: WriteRequest, path: str | Path) -> int:
             _kv_entries(request),
             slots,
             lambda index: _converted_pieces(tensors[index], slots[index].ggml_type, request.imatrix),
-            alignment=_alignment(request.reader),
+            alignment=output_alignment(request.reader),
             on_tensor_done=lambda slot: bar.update(slot.nbytes),
         )

@@ -1,0 +1,128 @@
+"""Measurement: candidate sets, the row sample and its error bar, and errors equal to the kernels'."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from gguf import GGMLQuantizationType as Q
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import bpwopt
+from bpwopt.imatrix import Imatrix
+from bpwopt.measure import (
+    DEFAULT_CANDIDATES,
+    Sampling,
+    candidate_types,
+    estimate_total,
+    load_rows,
+    measure_type,
+    sample_rows,
+)
+from bpwopt.quant_types import get_quant_type
+
+
+def test_row_length_of_256_takes_every_candidate():
+    assert set(candidate_types(1536, DEFAULT_CANDIDATES)) == set(DEFAULT_CANDIDATES)
+
+
+def test_row_length_576_takes_llama_cpps_fallbacks_smallest_first():
+    # SmolLM2's width: K-quants and IQ4_XS fall back to IQ4_NL, Q5_0, Q5_1 and Q8_0 as in llama.cpp
+    assert candidate_types(576, DEFAULT_CANDIDATES) == (Q.IQ4_NL, Q.Q4_0, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+
+
+def test_row_length_not_a_multiple_of_32_falls_back_to_f16():
+    assert candidate_types(100, [Q.Q4_K, Q.Q8_0]) == (Q.F16,)
+
+
+def test_small_tensors_are_measured_whole():
+    sample = sample_rows(500, Sampling(max_rows=1024), "blk.0.attn_q.weight")
+    assert sample.complete and np.array_equal(sample.rows, np.arange(500))
+
+
+def test_sample_is_stratified_deterministic_and_named():
+    sampling = Sampling(max_rows=64, seed=3)
+    first = sample_rows(10_000, sampling, "token_embd.weight")
+    assert not first.complete and first.rows.size == 64
+    assert np.array_equal(first.rows, sample_rows(10_000, sampling, "token_embd.weight").rows)
+    assert not np.array_equal(first.rows, sample_rows(10_000, sampling, "output.weight").rows)
+    # two rows from each of 32 equal strata: every part of the tensor is represented
+    bounds = np.linspace(0, 10_000, 33).astype(np.int64)
+    stratum_of_row = np.searchsorted(bounds, first.rows, side="right") - 1
+    assert np.array_equal(np.bincount(stratum_of_row, minlength=32), np.full(32, 2))
+
+
+def test_precise_measures_every_row():
+    assert sample_rows(10_000, Sampling(max_rows=64, precise=True), "t").complete
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_rows=st.integers(200, 5000), max_rows=st.integers(2, 150), value=st.floats(0, 1e6))
+def test_estimate_is_exact_when_rows_are_alike(n_rows, max_rows, value):
+    sample = sample_rows(n_rows, Sampling(max_rows=max_rows), "t")
+    total, stderr = estimate_total(np.full(sample.rows.size, value), sample)
+    assert total == pytest.approx(value * n_rows, rel=1e-12) and stderr == pytest.approx(0, abs=1e-6 * (value + 1))
+
+
+def test_estimate_is_unbiased_and_its_error_bar_honest():
+    per_row_all = np.random.default_rng(0).gamma(2.0, 1.0, 20_000)
+    truth = per_row_all.sum()
+    estimates, bars = [], []
+    for seed in range(300):
+        sample = sample_rows(per_row_all.size, Sampling(max_rows=256, seed=seed), "t")
+        total, stderr = estimate_total(per_row_all[sample.rows], sample)
+        estimates.append(total)
+        bars.append(stderr)
+    estimates, bars = np.array(estimates), np.array(bars)
+    assert abs(estimates.mean() - truth) < 3 * estimates.std() / np.sqrt(len(estimates))
+    assert estimates.std() == pytest.approx(bars.mean(), rel=0.15)
+    assert 0.9 < np.mean(np.abs(estimates - truth) < 2 * bars) < 0.99
+
+
+def test_error_bar_shrinks_with_the_sample():
+    per_row_all = np.random.default_rng(0).gamma(2.0, 1.0, 100_000)
+    bars = []
+    for max_rows in (64, 1024, 16384):
+        sample = sample_rows(per_row_all.size, Sampling(max_rows=max_rows), "t")
+        bars.append(estimate_total(per_row_all[sample.rows], sample)[1])
+    assert bars[0] > bars[1] > bars[2]
+
+
+@pytest.fixture(scope="module")
+def demo_reader(demo_model_path):
+    return gguf.GGUFReader(demo_model_path)
+
+
+def _tensor(reader, name):
+    return next(t for t in reader.tensors if t.name == name)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.IQ4_NL, Q.Q6_K])
+def test_whole_tensor_measurement_equals_the_kernels_error(demo_reader, qtype):
+    tensor = _tensor(demo_reader, "blk.3.ffn_down.weight")
+    weights = np.random.default_rng(0).random(int(tensor.shape[0])).astype(np.float32)
+    imatrix = Imatrix(path="x", entries={tensor.name: weights})
+    rows = load_rows(tensor, imatrix, Sampling())
+    measurement = measure_type(rows, qtype, rows.values.shape[0])
+    expected = bpwopt.quant_error(rows.values, qtype, weights)
+    assert (measurement.weighted_sse, measurement.sse) == pytest.approx(expected, rel=1e-12)
+    assert measurement.weighted_sse_stderr == 0 and measurement.rows_measured == rows.values.shape[0]
+    assert measurement.nbytes == rows.values.shape[0] * get_quant_type(qtype).row_bytes(1536)
+
+
+def test_sampled_embedding_estimate_is_close_to_the_whole(demo_reader):
+    tensor = _tensor(demo_reader, "token_embd.weight")
+    total_rows = int(tensor.shape[1])
+    sampled = measure_type(load_rows(tensor, None, Sampling(max_rows=2048)), Q.Q4_0, total_rows)
+    whole = measure_type(load_rows(tensor, None, Sampling(precise=True)), Q.Q4_0, total_rows)
+    assert sampled.rows_measured == 2048 and whole.rows_measured == total_rows
+    assert abs(sampled.sse - whole.sse) < 4 * sampled.sse_stderr
+    assert sampled.sse_stderr < 0.05 * sampled.sse
+
+
+def test_source_type_costs_nothing(demo_reader):
+    # the write stage copies a tensor whose target is its source type: it adds no error
+    tensor = _tensor(demo_reader, "blk.0.attn_q.weight")
+    measurement = measure_type(load_rows(tensor, None, Sampling()), Q.Q4_1, 576)
+    assert measurement.sse == 0 and measurement.weighted_sse == 0
