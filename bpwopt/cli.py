@@ -9,19 +9,32 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numba
-from gguf import GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
 from bpwopt.errors import BpwoptError
 from bpwopt.inspector import format_summary, inspect_gguf, summary_as_dict
+from bpwopt.measure import DEFAULT_CANDIDATES, Sampling
+from bpwopt.objective import DEFAULT_OBJECTIVE, OBJECTIVES
+from bpwopt.optimizer import OptimizeJob, optimize_file
 from bpwopt.pipeline import QuantizeJob, quantize_file
 from bpwopt.policy import QuantizeOptions, parse_tensor_type_option
 from bpwopt.presets import PRESETS_BY_NAME, format_presets_help, parse_ggml_type_name
+from bpwopt.quant_types import QUANT_TYPES
+from bpwopt.report import format_plan, report_as_dict
+from bpwopt.targets import Target, parse_size
 
 SUBCOMMANDS = ("inspect",)
+_DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
+_TARGET_HELP = (
+    "With --target-bpw or --target-size, bpwopt measures the error every candidate type adds to every "
+    "tensor and picks the types that hit the budget with the least error; TYPE is then optional and is the "
+    "preset the plan is compared with."
+)
 _OVERRIDE_TYPES = {
     "int": (GGUFValueType.UINT32, lambda text: abs(int(text))),  # llama.cpp writes ints as u32
     "float": (GGUFValueType.FLOAT32, float),
@@ -55,7 +68,11 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     """llama-quantize's command line, same spellings and meanings."""
     parser = argparse.ArgumentParser(
         prog="bpwopt",
-        usage="bpwopt [options] IN.gguf [OUT.gguf] TYPE [THREADS]\n       bpwopt inspect FILE",
+        usage=(
+            "bpwopt [options] IN.gguf [OUT.gguf] TYPE [THREADS]\n"
+            "       bpwopt [options] --target-size SIZE | --target-bpw X IN.gguf [OUT.gguf] [TYPE] [THREADS]\n"
+            "       bpwopt inspect FILE"
+        ),
         description="Quantize a GGUF model as llama-quantize does (drop-in). Subcommands: inspect.",
         epilog="TYPE (name or number):\n" + format_presets_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -72,52 +89,150 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--token-embedding-type", metavar="TYPE", help="ggml type for the token embeddings")
     add("--tensor-type", metavar="NAME=TYPE", action="append", default=[], help="type for matching tensors")
     add("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[], help="override metadata")
-    add("--prune-layers", metavar="L0,L1,...", help="remove these layers (not supported yet)")
+    add("--prune-layers", metavar="L0,L1,...", help="remove these layers; later ones are renumbered")
     add("--keep-split", action="store_true", help="write shards like the input (not supported yet)")
-    add("--dry-run", action="store_true", help="print the sizes, write nothing")
+    add("--dry-run", action="store_true", help="print the sizes (with a target: the plan), write nothing")
     add("--quiet", action="store_true", help="no progress bar")
-    add("positionals", nargs="+", metavar="IN.gguf [OUT.gguf] TYPE [THREADS]")
+    add("--threads", type=int, metavar="N", help="threads for quantizing and measuring (default: all cores)")
+    target = parser.add_argument_group("optimizer (bpwopt's own)", _TARGET_HELP)
+    add = target.add_argument
+    add("--target-bpw", type=float, metavar="X", help="at most X bits per weight (tensor data / elements)")
+    add("--target-size", metavar="SIZE", help="at most SIZE for the whole file: 1.5gb, 1500MB, 800MiB, 2G, bytes")
+    add("--save-state", action="store_true", help="keep measurements in state/<model>-<hash>-mse.bpw_state")
+    add("--state-file", metavar="FILE", type=Path, help="load measurements from and save them to FILE")
+    add("--candidates", metavar="T1,T2,...", help="candidate types (default: " + ",".join(_DEFAULT_NAMES) + ")")
+    add("--ignore", metavar="REGEX", action="append", default=[], help="matching tensors keep their source type")
+    add("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE, help="what the solver minimizes")
+    add("--ignore-tensor-importance", action="store_true", help="do not apply stored per-group weights")
+    add("--precise", action="store_true", help="measure every row of every tensor (no sampling)")
+    add("--sample-rows", type=int, default=Sampling.max_rows, metavar="N", help="rows measured per large tensor")
+    add("--seed", type=int, default=0, help="seed of the row sample")
+    add("--time-limit", type=float, default=10.0, metavar="S", help="seconds for the exact solver stage")
+    add("--json", action="store_true", help="machine-readable summary on stdout")
+    parser.add_argument("positionals", nargs="+", metavar="IN.gguf [OUT.gguf] [TYPE] [THREADS]")
     return parser
 
 
-def _job_from_args(args: argparse.Namespace) -> QuantizeJob:
-    positionals = list(args.positionals)
-    if len(positionals) < 2 or len(positionals) > 4:
-        raise BpwoptError("expected IN.gguf [OUT.gguf] TYPE [THREADS]")
-    if args.keep_split:
-        raise BpwoptError("--keep-split is not supported by bpwopt yet")
-    input_path = Path(positionals.pop(0))
-    threads = None
+@dataclass(frozen=True)
+class Positionals:
+    input_path: Path
+    output_path: Path | None
+    type_text: str | None
+    threads: int | None
+
+
+def parse_positionals(positionals: list[str], has_target: bool) -> Positionals:
+    """IN [OUT] TYPE [THREADS] as llama-quantize reads them.
+
+    With a target TYPE is optional, and a lone integer after IN (and OUT) is THREADS.
+    """
+    rest = list(positionals)
+    usage = "IN.gguf [OUT.gguf] [TYPE] [THREADS]" if has_target else "IN.gguf [OUT.gguf] TYPE [THREADS]"
+    if not 1 + (not has_target) <= len(rest) <= 4:
+        raise BpwoptError(f"expected {usage}")
+    input_path = Path(rest.pop(0))
     output_path = None
-    if len(positionals) == 3 or (len(positionals) == 2 and not _looks_like_type(positionals[0])):
-        output_path = Path(positionals.pop(0))
-    type_text = positionals.pop(0)
-    if positionals:
+    if len(rest) == 3 or (rest and not _looks_like_type(rest[0]) and (has_target or len(rest) == 2)):
+        output_path = Path(rest.pop(0))
+    type_text = None
+    if rest and not (has_target and len(rest) == 1 and rest[0].isdigit()):
+        type_text = rest.pop(0)
+    if type_text is None and not has_target:
+        raise BpwoptError(f"expected {usage}")
+    threads = None
+    if rest:
         try:
-            threads = int(positionals.pop(0))
+            threads = int(rest.pop(0))
         except ValueError as error:
             raise BpwoptError(f"invalid THREADS {error.args[0]}") from error
-    options = QuantizeOptions(
+    return Positionals(input_path, output_path, type_text, threads)
+
+
+def _options_from_args(args: argparse.Namespace) -> QuantizeOptions:
+    if args.keep_split:
+        raise BpwoptError("--keep-split is not supported by bpwopt yet")
+    if args.include_weights and args.exclude_weights:
+        raise BpwoptError("--include-weights and --exclude-weights cannot be used together")
+    return QuantizeOptions(
         pure=args.pure,
         leave_output_tensor=args.leave_output_tensor,
         output_tensor_type=parse_ggml_type_name(args.output_tensor_type) if args.output_tensor_type else None,
         token_embedding_type=parse_ggml_type_name(args.token_embedding_type) if args.token_embedding_type else None,
         tensor_types=tuple(parse_tensor_type_option(text) for text in args.tensor_type),
         allow_requantize=args.allow_requantize,
-        prune_layers=tuple(int(n) for n in args.prune_layers.split(",")) if args.prune_layers else (),
+        prune_layers=_prune_list(args.prune_layers),
         include_weights=tuple(args.include_weights),
         exclude_weights=tuple(args.exclude_weights),
+        ignore=tuple(args.ignore),
     )
-    return QuantizeJob(
-        input_path=input_path,
-        output_path=output_path,
-        type_text=type_text,
-        options=options,
-        imatrix_path=args.imatrix,
-        overrides=dict(parse_override_kv(text) for text in args.override_kv),
-        threads=threads,
-        dry_run=args.dry_run,
-        progress=not args.quiet,
+
+
+def _prune_list(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        layers = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        layers = (-1,)
+    if min(layers) < 0:  # llama-quantize's parse_layer_prune refuses what is not a layer number
+        raise BpwoptError(f"invalid --prune-layers {text!r}; expected comma-separated layer numbers")
+    return layers
+
+
+def parse_candidates(text: str | None) -> tuple[GGMLQuantizationType, ...]:
+    """--candidates Q3_K,Q4_K,…: types bpwopt has kernels for, case-insensitive."""
+    if text is None:
+        return DEFAULT_CANDIDATES
+    chosen = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        ggml_type = parse_ggml_type_name(name)
+        if ggml_type not in QUANT_TYPES:
+            supported = ", ".join(t.name for t in QUANT_TYPES)
+            raise BpwoptError(f"--candidates: bpwopt cannot produce {ggml_type.name}; supported: {supported}")
+        chosen.append(ggml_type)
+    if not chosen:
+        raise BpwoptError("--candidates: give at least one type, e.g. Q4_K,Q6_K")
+    return tuple(dict.fromkeys(chosen))
+
+
+def _target_from_args(args: argparse.Namespace) -> Target | None:
+    if args.target_bpw is None and args.target_size is None:
+        return None
+    if args.target_bpw is not None and args.target_size is not None:
+        raise BpwoptError("give only one of --target-bpw and --target-size")
+    if args.target_size is not None:
+        return Target(file_bytes=parse_size(args.target_size))
+    return Target(bits_per_weight=args.target_bpw)
+
+
+def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
+    target = _target_from_args(args)
+    where = parse_positionals(args.positionals, has_target=target is not None)
+    common = {
+        "input_path": where.input_path,
+        "output_path": where.output_path,
+        "options": _options_from_args(args),
+        "imatrix_path": args.imatrix,
+        "overrides": dict(parse_override_kv(text) for text in args.override_kv),
+        "dry_run": args.dry_run,
+        "progress": not args.quiet and not args.json,
+    }
+    if target is None:
+        return QuantizeJob(type_text=where.type_text, threads=where.threads, **common)
+    if args.sample_rows < 2:
+        raise BpwoptError("--sample-rows must be at least 2")
+    return OptimizeJob(
+        target=target,
+        type_text=where.type_text,
+        candidates=parse_candidates(args.candidates),
+        sampling=Sampling(max_rows=args.sample_rows, seed=args.seed, precise=args.precise),
+        state_path=args.state_file,
+        save_state=args.save_state,
+        objective=args.objective,
+        ignore_importance=args.ignore_tensor_importance,
+        time_limit=args.time_limit,
+        threads=args.threads or where.threads,
+        **common,
     )
 
 
@@ -126,12 +241,17 @@ def _looks_like_type(text: str) -> bool:
     return text.upper() in PRESETS_BY_NAME or text.isdigit()
 
 
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
 def _quantize(args: argparse.Namespace) -> None:
-    if args.include_weights and args.exclude_weights:
-        raise BpwoptError("--include-weights and --exclude-weights cannot be used together")
     job = _job_from_args(args)
-    if job.threads:
-        numba.set_num_threads(max(1, min(job.threads, numba.config.NUMBA_NUM_THREADS)))
+    if isinstance(job, OptimizeJob):
+        _optimize(job, args.json)
+        return
+    _set_threads(job.threads or args.threads)
     report = quantize_file(job)
     log = sys.stderr
     print(f"bpwopt: {report.type_reading}", file=log)
@@ -143,6 +263,15 @@ def _quantize(args: argparse.Namespace) -> None:
     )
     if report.output_path is not None:
         print(f"bpwopt: wrote {report.output_path} ({report.file_bytes:,} bytes)", file=log)
+
+
+def _optimize(job: OptimizeJob, as_json: bool) -> None:
+    _set_threads(job.threads)
+    report = optimize_file(job)
+    if as_json:
+        print(json.dumps(report_as_dict(report), indent=2))
+        return
+    print(format_plan(report, per_tensor=job.dry_run), file=sys.stdout if job.dry_run else sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,7 @@ tensor data / elements.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -85,10 +86,21 @@ def _group(label: str, tensors: list[TensorInfo]) -> GroupTotal:
 
 
 def open_gguf(path: str | Path) -> gguf.GGUFReader:
-    """Open a GGUF memory-mapped, turning every way a file can be unreadable into one BpwoptError."""
+    """Open a GGUF memory-mapped, turning every way a file can be unreadable into one BpwoptError.
+
+    Readers are reused while the file is unchanged (same inode, size and
+    mtime): gguf's reader spends seconds walking a 50k-token vocabulary, and
+    re-solving one model for many targets in one process opens it many times.
+    """
     path = Path(path)
     if not path.is_file():
         raise BpwoptError(f"{path}: no such file")
+    status = path.stat()
+    return _open_unchanged(path.resolve(), status.st_ino, status.st_size, status.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _open_unchanged(path: Path, inode: int, size: int, mtime_ns: int) -> gguf.GGUFReader:
     try:
         return gguf.GGUFReader(path)
     except (ValueError, KeyError, IndexError, OSError, OverflowError, TypeError) as error:

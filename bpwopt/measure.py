@@ -215,7 +215,7 @@ def measure_tensors(
     by_name = {tensor.name: tensor for tensor in reader.tensors}
     pending = [task for task in tasks if task.missing or task.needs_record]
     total = sum(int(by_name[t.plan.source_name].n_elements) * max(1, len(t.missing)) for t in pending)
-    with tqdm(total=total, unit="w", unit_scale=True, desc="measuring", disable=not progress) as bar:
+    with tqdm(total=total, unit="w", unit_scale=True, desc="measuring", disable=not progress or not pending) as bar:
         for task in pending:
             tensor = by_name[task.plan.source_name]
             rows = load_rows(tensor, imatrix, sampling)

@@ -1,0 +1,167 @@
+"""End to end on SmolLM2: measure once, hit targets across the whole range, survive kill -9, load in llama.cpp."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gguf
+import llama_cpp
+import numpy as np
+import pytest
+
+from bpwopt.cli import main
+from bpwopt.measure import Sampling
+from bpwopt.optimizer import OptimizeJob, optimize_file
+from bpwopt.policy import QuantizeOptions
+from bpwopt.targets import Target
+
+SAMPLE = ["--sample-rows", "64"]  # every SmolLM2 tensor sampled: a full measurement in ~20 s on 2 cores
+
+
+def run_json(capsys, *arguments) -> dict:
+    assert main(["--allow-requantize", "--json", *SAMPLE, *map(str, arguments)]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.fixture(scope="module")
+def measured_state(demo_model_path, tmp_path_factory) -> Path:
+    """A state file holding every candidate of every tensor, measured once for the whole module."""
+    state = tmp_path_factory.mktemp("state") / "smollm2.bpw_state"
+    argv = ["--allow-requantize", "--quiet", *SAMPLE, "--state-file", str(state), "--dry-run", "--target-bpw", "6"]
+    assert main([*argv, str(demo_model_path)]) == 0
+    return state
+
+
+def job(model: Path, state: Path, target: Target, **changes) -> OptimizeJob:
+    return OptimizeJob(
+        input_path=model,
+        output_path=None,
+        target=target,
+        options=QuantizeOptions(allow_requantize=True),
+        sampling=Sampling(max_rows=64),
+        state_path=state,
+        dry_run=True,
+        progress=False,
+        **changes,
+    )
+
+
+def _dense_range(report) -> tuple[float, float]:
+    """The bpw range where plans exist at every 0.01 bpw: below the embedding's last step.
+
+    At the top, every tensor but the tied 28M-weight embedding is at Q8_0 and
+    the embedding's step from Q5_1 to Q8_0 (0.53 bpw of the whole model) has
+    nothing in between: targets there land at the step's foot.
+    """
+    low, high = (8 * cost / report.elements for cost in report.reachable_bytes)
+    return low, high - 0.53
+
+
+def test_bpw_targets_land_just_below_across_the_reachable_range(demo_model_path, measured_state):
+    first = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=6)))
+    low, high = _dense_range(first)
+    for bpw in np.linspace(low, high, 12):
+        bpw = math.ceil(bpw * 1e4) / 1e4
+        report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=bpw)))
+        assert report.measured == 0 and report.elements == first.elements
+        assert bpw - 0.01 <= report.bits_per_weight <= bpw, bpw
+
+
+def test_targets_in_the_embeddings_last_step_land_at_its_foot(demo_model_path, measured_state):
+    first = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=6)))
+    top = 8 * first.reachable_bytes[1] / first.elements
+    report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=round(top - 0.2, 4))))
+    not_q8 = {t.name: t.qtype for t in report.tensors if t.varied and t.qtype != "Q8_0"}
+    assert not_q8 == {"token_embd.weight": "Q5_1"}
+
+
+def test_size_targets_count_the_whole_file_and_land_within_half_a_percent(demo_model_path, measured_state):
+    report = optimize_file(job(demo_model_path, measured_state, Target(file_bytes=90_000_000)))
+    header = report.file_bytes - sum(t.data_bytes for t in report.tensors)  # header + padding
+    assert header > 0
+    low, high = (bpw * report.elements / 8 + header for bpw in _dense_range(report))
+    for size in np.linspace(low + 1_000_000, high, 11).astype(int):
+        report = optimize_file(job(demo_model_path, measured_state, Target(file_bytes=int(size))))
+        assert 0.995 * size <= report.file_bytes <= size, size
+
+
+def test_unreachable_targets_name_the_reachable_range(demo_model_path, measured_state, capsys):
+    for option, value in (("--target-bpw", "1.0"), ("--target-size", "10MB"), ("--target-bpw", "9")):
+        argv = ["--allow-requantize", *SAMPLE, "--state-file", str(measured_state), "--dry-run", option, value]
+        assert main([*argv, str(demo_model_path)]) == 1
+        error = capsys.readouterr().err
+        assert "reachable" in error and error.count("\n") == 1
+
+
+def test_resolving_from_the_state_measures_nothing_and_is_fast(demo_model_path, measured_state):
+    report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=5.1234)))
+    assert report.measured == 0 and report.reused > 1000
+    assert report.solve_seconds < 1.0
+
+
+def test_plan_beats_the_preset_at_the_same_size(demo_model_path, measured_state):
+    report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=5.5), type_text="Q4_K_M"))
+    (comparison,) = report.comparisons
+    assert comparison.name == "Q4_K_M"
+    assert comparison.optimized_error <= comparison.predicted_error
+
+
+def test_written_plan_loads_and_generates(demo_model_path, measured_state, tmp_path, capsys):
+    out = tmp_path / "out.gguf"
+    summary = run_json(capsys, "--state-file", measured_state, "--target-size", "90MB", demo_model_path, out)
+    assert summary["measured"] == 0 and summary["file_bytes"] == out.stat().st_size <= 90_000_000
+    reader = gguf.GGUFReader(out)
+    assert reader.fields["bpwopt.target"].contents() == "size<=90000000"
+    model = llama_cpp.Llama(str(out), n_ctx=128, verbose=False)
+    assert model("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"].strip()
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def _stored_measurements(state: Path) -> int:
+    try:
+        with sqlite3.connect(f"file:{state}?mode=ro", uri=True) as db:
+            return db.execute("select count(*) from measurements").fetchone()[0]
+    except sqlite3.Error:
+        return 0
+
+
+def test_kill_during_measurement_then_resume_gives_the_same_plan(demo_model_path, measured_state, tmp_path, capsys):
+    state = tmp_path / "killed.bpw_state"
+    argv = ["--allow-requantize", "--quiet", *SAMPLE, "--state-file", str(state), "--dry-run", "--target-bpw", "6"]
+    child = subprocess.Popen([sys.executable, "-m", "bpwopt.cli", *argv, str(demo_model_path)])
+    deadline = time.monotonic() + 300
+    while _stored_measurements(state) < 200 and child.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait()
+    stored = _stored_measurements(state)
+    assert stored >= 200
+    with sqlite3.connect(state) as db:
+        assert db.execute("pragma integrity_check").fetchone()[0] == "ok"
+    resumed = run_json(capsys, "--state-file", state, "--dry-run", "--target-bpw", "5.5", demo_model_path)
+    assert resumed["reused"] == stored and resumed["measured"] + resumed["reused"] > stored
+    uninterrupted = run_json(
+        capsys, "--state-file", measured_state, "--dry-run", "--target-bpw", "5.5", demo_model_path
+    )
+    assert [t["qtype"] for t in resumed["tensors"]] == [t["qtype"] for t in uninterrupted["tensors"]]
+    assert resumed["predicted_error"] == pytest.approx(uninterrupted["predicted_error"], rel=1e-12)
+
+
+def test_state_of_other_settings_is_refused(demo_model_path, measured_state, capsys):
+    argv = ["--allow-requantize", "--sample-rows", "32", "--state-file", str(measured_state), "--target-bpw", "6"]
+    assert main([*argv, "--dry-run", str(demo_model_path)]) == 1
+    assert "sampling" in capsys.readouterr().err
+
+
+def test_requantizing_needs_the_flag_before_anything_is_measured(demo_model_path, tmp_path, capsys):
+    assert main(["--target-bpw", "5", str(demo_model_path), str(tmp_path / "o.gguf")]) == 1
+    assert "--allow-requantize" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
