@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +17,12 @@ import numba
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
+from bpwopt.calibrate import DEFAULT_CHUNKS, DEFAULT_NOISE, calibrate, format_report
 from bpwopt.errors import BpwoptError
+from bpwopt.evaluate import evaluate, record_evaluation
 from bpwopt.inspector import format_summary, inspect_gguf, summary_as_dict
 from bpwopt.measure import DEFAULT_CANDIDATES, Sampling
-from bpwopt.objective import DEFAULT_OBJECTIVE, OBJECTIVES
+from bpwopt.objective import DEFAULT_GROUPING, DEFAULT_OBJECTIVE, GROUPINGS, OBJECTIVES
 from bpwopt.optimizer import OptimizeJob, optimize_file
 from bpwopt.pipeline import QuantizeJob, quantize_file
 from bpwopt.policy import QuantizeOptions, parse_tensor_type_option
@@ -27,8 +30,9 @@ from bpwopt.presets import PRESETS_BY_NAME, format_presets_help, parse_ggml_type
 from bpwopt.quant_types import QUANT_TYPES
 from bpwopt.report import format_plan, report_as_dict
 from bpwopt.targets import Target, parse_size
+from bpwopt.texts import evaluation_text
 
-SUBCOMMANDS = ("inspect",)
+SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate")
 _DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
 _TARGET_HELP = (
     "With --target-bpw or --target-size, bpwopt measures the error every candidate type adds to every "
@@ -36,7 +40,7 @@ _TARGET_HELP = (
     "preset the plan is compared with."
 )
 _OVERRIDE_TYPES = {
-    "int": (GGUFValueType.UINT32, lambda text: abs(int(text))),  # llama.cpp writes ints as u32
+    "int": (GGUFValueType.UINT32, lambda text: _uint32(abs(int(text)))),  # llama.cpp writes ints as u32
     "float": (GGUFValueType.FLOAT32, float),
     "bool": (GGUFValueType.BOOL, lambda text: {"true": True, "false": False}[text]),
     "str": (GGUFValueType.STRING, str),
@@ -51,12 +55,70 @@ def _inspect(args: argparse.Namespace) -> None:
         print(format_summary(summary, per_tensor=args.tensors))
 
 
+def _evaluate(args: argparse.Namespace) -> None:
+    text = _read_text(args.text) if args.text else evaluation_text()
+    result = evaluate(args.base, args.quant, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
+    if args.state_file:
+        record_evaluation(args.state_file, args.quant, result, text)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    print(
+        f"{args.quant}: mean KLD {result.mean_kld:.6f} ± {result.mean_kld_stderr:.6f}, median {result.median_kld:.6f}, "
+        f"p99 {result.p99_kld:.6f}, max {result.max_kld:.4f}; same top token {100 * result.same_top_rate:.2f} %; "
+        f"PPL {result.ppl_quant:.4f} (base {result.ppl_base:.4f}); {result.tokens} tokens, {result.seconds:.1f} s"
+    )
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from bpwopt.plots import parse_formats, plot_state  # matplotlib loads only for this subcommand
+
+    written, skipped = plot_state(
+        args.state, args.out, args.model, plan_id=args.plan, formats=parse_formats(args.format),
+        objective=args.objective,
+    )  # fmt: skip
+    for line in skipped:
+        print(f"bpwopt: skipped {line}", file=sys.stderr)
+    for path in written:
+        print(path)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    report = calibrate(
+        args.model, args.state_file, imatrix_path=args.imatrix, grouping=args.groups, noise=args.noise,
+        chunks=args.chunks, ctx=args.ctx, only=args.only.split(",") if args.only else None, seed=args.seed,
+        fresh=args.fresh, threads=args.threads, progress=not args.quiet,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"noise": report.noise, "chunks": report.chunks, "ctx": report.ctx, "weights": report.weights,
+                          "groups": [vars(g) for g in report.groups]}, indent=2))  # fmt: skip
+        return
+    print(format_report(report))
+    print(f"bpwopt: stored {len(report.weights)} group weights in {args.state_file}; later solves use them "
+          "(--ignore-tensor-importance to solve without)", file=sys.stderr)  # fmt: skip
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BpwoptError(f"cannot read text {path}: {error}") from None
+
+
+def _uint32(value: int) -> int:
+    if value >= 2**32:
+        raise BpwoptError(f"--override-kv: {value} does not fit in the 32 bits llama.cpp writes an int in")
+    return value
+
+
 def parse_override_kv(text: str) -> tuple[str, tuple[GGUFValueType, object]]:
     """--override-kv KEY=TYPE:VALUE, TYPE one of int, float, bool, str (llama.cpp's spelling)."""
     key, _, rest = text.partition("=")
     kind, _, value = rest.partition(":")
     if not key or kind not in _OVERRIDE_TYPES:
         raise BpwoptError(f"--override-kv {text!r}: expected KEY=TYPE:VALUE with TYPE one of int, float, bool, str")
+    if key == "general.alignment":  # the layout follows the input's alignment; another value would mislabel it
+        raise BpwoptError(f"--override-kv {text!r}: general.alignment cannot be overridden")
     value_type, convert = _OVERRIDE_TYPES[kind]
     try:
         return key, (value_type, convert(value))
@@ -221,6 +283,8 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
         return QuantizeJob(type_text=where.type_text, threads=where.threads, **common)
     if args.sample_rows < 2:
         raise BpwoptError("--sample-rows must be at least 2")
+    if not (math.isfinite(args.time_limit) and args.time_limit >= 0):
+        raise BpwoptError(f"invalid --time-limit {args.time_limit}: expected a number of seconds, 0 or more")
     return OptimizeJob(
         target=target,
         type_text=where.type_text,
@@ -288,6 +352,66 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--tensors", action="store_true", help="also list every tensor")
     inspect.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     inspect.set_defaults(run=_inspect)
+    evaluation = commands.add_parser(
+        "eval",
+        help="KL divergence, same-top-token rate and perplexity of QUANT against BASE (llama.cpp runtime)",
+        description="KL divergence of QUANT's token distributions against BASE's, as llama-perplexity "
+        "--kl-divergence measures it; BASE's log-probabilities are cached on disk.",
+    )
+    evaluation.add_argument("base", type=Path, help="the unquantized (or reference) GGUF")
+    evaluation.add_argument("quant", type=Path, help="the quantized GGUF")
+    evaluation.add_argument("--text", type=Path, help="UTF-8 text file (default: bpwopt's evaluation text)")
+    evaluation.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    evaluation.add_argument("--chunks", type=int, help="windows to evaluate (default: as many as the cache allows)")
+    evaluation.add_argument("--threads", type=int, help="llama.cpp threads")
+    evaluation.add_argument("--state-file", type=Path, help="also store the result in this state file")
+    evaluation.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    evaluation.set_defaults(run=_evaluate)
+    plot = commands.add_parser(
+        "plot",
+        help="plots of a state file: error/size trade-off, a plan's bits per layer and class, per-tensor errors",
+        description="Draw the error/size trade-off the solver sees (llama.cpp presets, stored plans and measured "
+        "KLD marked), a plan's bits per layer and tensor class, and every tensor's error against bpw. "
+        "Writes tradeoff.*, plan-<ID>-bits.* and tensor-errors.* into DIR and prints their paths.",
+    )
+    plot.add_argument("state", type=Path, help="a state file (--state-file / --save-state)")
+    plot.add_argument("--out", metavar="DIR", type=Path, default=Path("plots"), help="output folder (default: plots)")
+    plot.add_argument("--plan", metavar="ID", type=int, help="the plan to draw (default: the newest)")
+    plot.add_argument("--format", metavar="FMT,...", default="png,svg", help="png, svg or both (default: png,svg)")
+    plot.add_argument(
+        "--model", metavar="MODEL.gguf", type=Path,
+        help="the model the state was measured from (checked by sha256): places llama.cpp's presets on the curve",
+    )  # fmt: skip
+    plot.add_argument("--objective", choices=OBJECTIVES, help="the error plotted (default: the plan's objective)")
+    plot.set_defaults(run=_plot)
+    calibration = commands.add_parser(
+        "calibrate",
+        help="measure per-group sensitivities (KLD per unit of relative error) by noise injection; solves use them",
+        description="For each group of tensors, add Gaussian noise of relative error NOISE to each of its tensors, "
+        "measure the KL divergence against the unperturbed model on the calibration text (never the evaluation "
+        "text), and store KLD / summed relative error in the state's sensitivities and weights tables. Later "
+        "solves with --state-file weigh each tensor's relative error by its group's value unless "
+        "--ignore-tensor-importance. Resumes a killed run (values are stored as they land).",
+    )
+    calibration.add_argument("model", type=Path, help="the unquantized GGUF the state was measured for")
+    calibration.add_argument("--state-file", type=Path, required=True, help="a state measured for MODEL")
+    calibration.add_argument("--imatrix", type=Path, help="the imatrix the state was measured with, if any")
+    calibration.add_argument("--groups", choices=GROUPINGS, default=DEFAULT_GROUPING,
+                             help="tensor groups (default: class-third = tensor class x third of the layers)")
+    calibration.add_argument(
+        "--noise", type=float, default=DEFAULT_NOISE, help=f"relative error per tensor, rho^2 ({DEFAULT_NOISE:g})"
+    )
+    calibration.add_argument(
+        "--chunks", type=int, default=DEFAULT_CHUNKS, help=f"text windows per group ({DEFAULT_CHUNKS})"
+    )
+    calibration.add_argument("--ctx", type=int, default=512, help="window length in tokens (512)")
+    calibration.add_argument("--only", metavar="KEY,...", help="calibrate only these group keys")
+    calibration.add_argument("--seed", type=int, default=0, help="noise seed")
+    calibration.add_argument("--fresh", action="store_true", help="discard stored sensitivities, do not resume")
+    calibration.add_argument("--threads", type=int, help="llama.cpp threads")
+    calibration.add_argument("--quiet", action="store_true", help="no progress bar")
+    calibration.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    calibration.set_defaults(run=_calibrate)
     return parser
 
 

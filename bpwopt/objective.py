@@ -17,7 +17,12 @@ columns. Two ways to add those up across tensors:
 
 Without an imatrix w = 1 and both fall back to plain squared error. Per-group
 weights (sensitivities or optuna-tuned factors) multiply the tensor's terms.
-The default and its evidence are in README.md and benchmarks/RESULTS.md.
+
+The default is `wsse`, on evidence (benchmarks/quality.py, off-grid F16
+SmolLM2 with its imatrix, KLD against the F16 model): at the Q4_K_M preset's
+size `wsse` gives 0.96× the preset's KLD and `relative` 2.10×; at Q3_K_M's
+size 0.96× and 0.99×. Unweighted, `relative` counts a 0.1M-weight attn_k as
+much as a 0.9M-weight FFN matrix and buys it Q8_0 at the FFN's expense.
 """
 
 from __future__ import annotations
@@ -26,10 +31,11 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from bpwopt.errors import BpwoptError
 from bpwopt.state import Measurement, TensorRecord
 
-OBJECTIVES = ("relative", "wsse")
-DEFAULT_OBJECTIVE = "relative"
+OBJECTIVES = ("wsse", "relative")
+DEFAULT_OBJECTIVE = "wsse"
 
 
 def check_objective(name: str) -> str:
@@ -46,12 +52,71 @@ def option_errors(
     errors = np.array([m.weighted_sse for m in measurements], dtype=np.float64)
     if check_objective(objective) == "relative":
         errors = errors / record.weight_energy if record.weight_energy > 0 else np.zeros_like(errors)
-    return weight * errors
+    errors = weight * errors
+    unusable = ~(np.isfinite(errors) & (errors >= 0))  # NaN stored in the state, or a bad group weight
+    if unusable.any():
+        raise BpwoptError(
+            f"tensor {record.name}: its stored error as {measurements[int(np.argmax(unusable))].qtype} times its "
+            f"group weight {weight:g} is {errors[unusable][0]:g}; the state file is damaged"
+        )
+    return errors
+
+
+GROUPINGS = ("class-third", "class", "class-layer", "tensor")
+DEFAULT_GROUPING = "class-third"
+
+
+def layer_thirds(n_layer: int) -> list[tuple[int, int]]:
+    """The (first, last) layer of each third of n_layer blocks: layer l is in third l*3 // n_layer."""
+    thirds = [[layer for layer in range(n_layer) if layer * 3 // n_layer == third] for third in range(3)]
+    return [(members[0], members[-1]) for members in thirds if members]
+
+
+def group_key(record: TensorRecord, n_layer: int, grouping: str = DEFAULT_GROUPING) -> str:
+    """The weight key of the group a tensor belongs to under a grouping (GROUPINGS).
+
+    class-third: "attn_v@0-9" (class and the inclusive layer range of its third of
+    the blocks; the range, not the third's number, so that the key can be looked
+    up without knowing n_layer and cannot be mistaken for a single layer's key);
+    class: "attn_v"; class-layer: "attn_v@3"; tensor: the tensor's name.
+    Tensors outside the blocks (token_embd, output) are their own group: their name.
+    """
+    if grouping not in GROUPINGS:
+        raise ValueError(f"unknown grouping {grouping!r}; valid: {', '.join(GROUPINGS)}")
+    if record.layer is None or grouping == "tensor":
+        return record.name
+    if grouping == "class":
+        return record.category
+    if grouping == "class-layer":
+        return f"{record.category}@{record.layer}"
+    first, last = next((lo, hi) for lo, hi in layer_thirds(n_layer) if lo <= record.layer <= hi)
+    return f"{record.category}@{first}-{last}"
+
+
+def _layer_range(key: str) -> tuple[str, int, int] | None:
+    """("attn_v", 0, 9) for "attn_v@0-9", else None."""
+    category, _, span = key.partition("@")
+    first, dash, last = span.partition("-")
+    if not dash or not first.isdigit() or not last.isdigit():
+        return None
+    return category, int(first), int(last)
 
 
 def group_weight(record: TensorRecord, weights: Mapping[str, float]) -> float:
-    """A tensor's multiplier: the most specific of `name`, `category@layer`, `category` found, else 1."""
-    for key in (record.name, f"{record.category}@{record.layer}", record.category):
+    """A tensor's multiplier: the most specific key found, else 1.
+
+    Keys, most specific first: the tensor's name, `category@layer`,
+    `category@first-last` (a layer range holding the tensor's layer, as
+    `group_key` writes for class-third), `category`.
+    """
+    for key in (record.name, f"{record.category}@{record.layer}"):
         if key in weights:
             return float(weights[key])
+    if record.layer is not None:
+        for key, value in weights.items():
+            span = _layer_range(key)
+            if span is not None and span[0] == record.category and span[1] <= record.layer <= span[2]:
+                return float(value)
+    if record.category in weights:
+        return float(weights[record.category])
     return 1.0

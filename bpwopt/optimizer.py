@@ -165,9 +165,8 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         budget = _budget(job.target, problem, header, reachable)
         solution = solve(problem.options, budget, time_limit=job.time_limit)
         types = problem.types(solution.choice)
-        request = write_request(
-            source, types, _file_type(base, types, job), job.overrides, _provenance(job, identity, solution)
-        )
+        provenance = _provenance(job, identity, solution)
+        request = write_request(source, types, _file_type(base, types, job), job.overrides, provenance, job.progress)
         file_bytes = planned_file_bytes(request)
         check_plan_writable(_final_plan(base, types), source.options)
         tensors = _chosen_tensors(problem, solution.choice, source)

