@@ -33,7 +33,10 @@ def _as_rows(x: np.ndarray, quant_type: QuantType) -> np.ndarray:
         )
     if not np.isfinite(x).all():
         raise ValueError("x contains NaN or infinite values")
-    return np.ascontiguousarray(x.reshape(-1, n_per_row))
+    x_rows = np.ascontiguousarray(x.reshape(-1, n_per_row))
+    if not x_rows.flags.writeable:  # F32 rows viewed straight from a read-only memory map; the kernels want mutable
+        x_rows = x_rows.copy()
+    return x_rows
 
 
 def _as_imatrix(imatrix: np.ndarray | None, n_per_row: int, quant_type: QuantType) -> np.ndarray:

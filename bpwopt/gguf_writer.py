@@ -5,12 +5,15 @@ is too: the header goes out first and tensor data follows slab by slab, so
 peak memory stays near one slab, not the model. Everything goes to
 `OUT.tmp` beside the output, is fsynced, and is renamed over OUT only when
 complete; on any failure the temporary file is removed and OUT is untouched.
+OUT.tmp is locked while written: a second writer of the same OUT is refused,
+and a temporary left behind by a killed run is taken over by the next one.
 Metadata entries copied from the input keep their exact bytes.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import struct
 from collections.abc import Callable, Iterable, Iterator
@@ -112,31 +115,63 @@ def write_gguf(
     file would not load), raised before the output is renamed into place.
     """
     path = Path(path)
+    if path.is_dir() or not path.name:  # `.`, `..`, `/`: there is no file name to write to
+        raise BpwoptError(f"{path}: is a directory, not an output file")
     if not path.parent.is_dir():
         raise BpwoptError(f"{path.parent}: output directory does not exist")
     temporary = temporary_path(path)
+    handle = os.fdopen(_locked_temporary(temporary, path), "wb")  # closing it releases the lock
     try:
-        with temporary.open("wb") as handle:
-            handle.write(_header(kv_entries, slots, alignment))
-            for index, slot in enumerate(slots):
-                written = sum(_write_piece(handle, piece) for piece in produce(index))
-                if written != slot.nbytes:
-                    raise BpwoptError(f"internal error: {slot.name} produced {written} bytes, expected {slot.nbytes}")
-                handle.write(bytes(_padding(written, alignment)))
-                if on_tensor_done:
-                    on_tensor_done(slot)
-            handle.flush()
-            os.fsync(handle.fileno())
-            size = handle.tell()
-        os.replace(temporary, path)
-    except OSError as error:
-        _discard(temporary)
-        raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from error
-    except BaseException:
-        _discard(temporary)
+        handle.write(_header(kv_entries, slots, alignment))
+        for index, slot in enumerate(slots):
+            written = sum(_write_piece(handle, piece) for piece in produce(index))
+            if written != slot.nbytes:
+                raise BpwoptError(f"internal error: {slot.name} produced {written} bytes, expected {slot.nbytes}")
+            handle.write(bytes(_padding(written, alignment)))
+            if on_tensor_done:
+                on_tensor_done(slot)
+        handle.flush()
+        os.fsync(handle.fileno())
+        size = handle.tell()
+        os.replace(temporary, path)  # under the lock: no other writer can be taking this file over
+    except BaseException as error:
+        _discard(temporary)  # before the lock goes: what is removed is ours
+        with contextlib.suppress(OSError):  # a full disk fails the flush at close again
+            handle.close()
+        if isinstance(error, OSError):
+            raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from error
         raise
+    handle.close()
     _fsync_directory(path.parent)
     return size
+
+
+def _locked_temporary(temporary: Path, path: Path) -> int:
+    """A descriptor of OUT.tmp, emptied and exclusively locked (flock) until closed.
+
+    A temporary left by a killed run is taken over: the kernel dropped its
+    lock with the process. One that is locked belongs to a live writer of the
+    same output, which is refused rather than interleaved with.
+    """
+    while True:
+        try:
+            descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+        except OSError as error:
+            raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from error
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(descriptor)
+            raise BpwoptError(f"{path} is being written by another bpwopt process right now") from None
+        opened = os.fstat(descriptor)
+        try:
+            current = os.stat(temporary, follow_symlinks=False)
+        except FileNotFoundError:
+            current = None
+        if current is not None and (current.st_dev, current.st_ino) == (opened.st_dev, opened.st_ino):
+            os.ftruncate(descriptor, 0)
+            return descriptor
+        os.close(descriptor)  # the writer we raced renamed it into place meanwhile: start a new one
 
 
 def _write_piece(handle, piece: bytes | np.ndarray) -> int:

@@ -18,6 +18,7 @@ import gguf
 import numpy as np
 
 from bpwopt.errors import BpwoptError
+from bpwopt.inspector import check_gguf_layout
 
 _SUM_SUFFIX = ".in_sum2"
 _COUNT_SUFFIX = ".counts"
@@ -158,6 +159,7 @@ def load_imatrix(path: str | Path) -> Imatrix:
         is_gguf = handle.read(4) == b"GGUF"
     if is_gguf:
         try:
+            check_gguf_layout(path)  # counts and offsets checked before gguf's reader trusts them
             reader = gguf.GGUFReader(path)
         except (ValueError, KeyError, IndexError, OSError, OverflowError, TypeError) as error:
             raise BpwoptError(f"{path}: not a valid GGUF imatrix ({error})") from error
@@ -167,6 +169,8 @@ def load_imatrix(path: str | Path) -> Imatrix:
     for name, weights in imatrix.entries.items():
         if not np.isfinite(weights).all():
             raise BpwoptError(f"{path}: imatrix entry {name} contains non-finite values")
+        if (weights < 0).any():  # sums of squared activations: a negative one is a damaged file
+            raise BpwoptError(f"{path}: imatrix entry {name} contains negative values")
     return replace(imatrix, sha256=_file_sha256(path))
 
 

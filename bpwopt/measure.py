@@ -25,6 +25,7 @@ from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
 from bpwopt import codec
+from bpwopt.errors import BpwoptError
 from bpwopt.imatrix import Imatrix
 from bpwopt.model_writer import output_row_bytes, rows_to_float, tensor_rows
 from bpwopt.policy import TensorPlan, fallback_type
@@ -155,7 +156,10 @@ def measure_type(rows: TensorRows, qtype: GGMLQuantizationType, total_rows: int)
             mask = rows.expert_of_row == expert
             values = rows.values if mask.all() else np.ascontiguousarray(rows.values[mask])
             expert_weights = rows.weights[expert] if rows.weights is not None else None
-            weighted[mask], plain[mask] = codec.row_errors(values, qtype, expert_weights)
+            try:
+                weighted[mask], plain[mask] = codec.row_errors(values, qtype, expert_weights)
+            except ValueError as error:  # NaN or infinite weights in the file: llama-quantize refuses them too
+                raise BpwoptError(f"{rows.name}: cannot quantize to {qtype.name}: {error}") from error
     weighted_sse, weighted_stderr = estimate_total(weighted, rows.sample)
     sse, sse_stderr = estimate_total(plain, rows.sample)
     return Measurement(

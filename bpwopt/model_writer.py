@@ -40,6 +40,8 @@ class WriteRequest:
     reader: gguf.GGUFReader
     target_types: dict[str, GGMLQuantizationType]
     file_type: int
+    # written name -> source name where they differ (--prune-layers renumbers later blocks)
+    source_names: dict[str, str] = field(default_factory=dict)
     imatrix: Imatrix | None = None
     overrides: dict[str, KeyValue] = field(default_factory=dict)  # --override-kv, then imatrix keys
     provenance: dict[str, KeyValue] = field(default_factory=dict)  # bpwopt.* keys
@@ -48,9 +50,26 @@ class WriteRequest:
 
 def tensor_rows(tensor: gguf.ReaderTensor) -> np.ndarray:
     """The raw bytes of a tensor as uint8 (rows, row_bytes), a view into the memory map."""
+    _check_input_whole(tensor)
     n_per_row = int(tensor.shape[0])
     nrows = int(tensor.n_elements) // n_per_row
     return np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(nrows, -1)
+
+
+def _check_input_whole(tensor: gguf.ReaderTensor) -> None:
+    """Refuse a tensor whose bytes are no longer in the file: touching them would kill the process (SIGBUS).
+
+    A file truncated while bpwopt reads it can still hit that between this
+    check and the read; the output is then never renamed into place.
+    """
+    mapping = getattr(tensor.data, "_mmap", None)  # np.memmap's; its size() is the file's, even once deleted
+    if mapping is None:
+        return
+    end = tensor.data_offset + int(tensor.n_bytes)
+    size = mapping.size()
+    if size < end:
+        path = tensor.data.filename
+        raise BpwoptError(f"{path}: the file shrank to {size:,} bytes while being read ({tensor.name} ends at {end:,})")
 
 
 def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType) -> np.ndarray:
@@ -59,7 +78,10 @@ def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType) -> np
         return raw_rows.view(np.float32)
     if source_type in QUANT_TYPES:
         return codec.dequantize(np.ascontiguousarray(raw_rows), source_type)
-    return gguf.quants.dequantize(raw_rows, source_type).astype(np.float32)
+    try:
+        return gguf.quants.dequantize(raw_rows, source_type).astype(np.float32)
+    except NotImplementedError:  # integer tensors (I8 … I64): llama-quantize cannot requantize them either
+        raise BpwoptError(f"cannot convert {source_type.name} tensor data to another type") from None
 
 
 def output_row_bytes(target_type: GGMLQuantizationType, n_per_row: int) -> int:
@@ -115,18 +137,19 @@ def output_alignment(reader: gguf.GGUFReader) -> int:
 def _slots(request: WriteRequest, tensors: list[gguf.ReaderTensor]) -> list[TensorSlot]:
     return [
         TensorSlot(
-            name=tensor.name,
+            name=name,
             shape=tuple(int(n) for n in tensor.shape),
             ggml_type=target_type,
             nbytes=tensor_rows(tensor).shape[0] * output_row_bytes(target_type, int(tensor.shape[0])),
         )
-        for tensor, target_type in zip(tensors, request.target_types.values(), strict=True)
+        for tensor, (name, target_type) in zip(tensors, request.target_types.items(), strict=True)
     ]
 
 
 def _tensors(request: WriteRequest) -> list[gguf.ReaderTensor]:
+    """The source tensor of every written one (the imatrix keeps the source names, as in llama.cpp)."""
     by_name = {tensor.name: tensor for tensor in request.reader.tensors}
-    return [by_name[name] for name in request.target_types]
+    return [by_name[request.source_names.get(name, name)] for name in request.target_types]
 
 
 def planned_file_bytes(request: WriteRequest) -> int:

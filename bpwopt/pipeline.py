@@ -15,6 +15,7 @@ import gguf
 from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
+from bpwopt.clip_policy import CLIP_ARCHITECTURE, plan_clip_types
 from bpwopt.errors import BpwoptError
 from bpwopt.imatrix import Imatrix, check_imatrix_fits, load_imatrix
 from bpwopt.inspector import open_gguf
@@ -24,9 +25,11 @@ from bpwopt.policy import (
     QuantizeOptions,
     TensorSpec,
     TypePlan,
+    llama_cpp_order,
     plan_types,
     read_model_info,
     read_tensor_specs,
+    renumber_layers,
 )
 from bpwopt.presets import TypeChoice, parse_type_argument
 
@@ -82,14 +85,27 @@ class SourceModel:
     def input_bytes(self) -> int:
         return sum(int(t.n_bytes) for t in self.reader.tensors)
 
+    @property
+    def source_names(self) -> dict[str, str]:
+        """Written tensor name -> source tensor name; they differ only where --prune-layers renumbered a block."""
+        return {new: old for old, new in self._renumbered()[0].items()}
+
+    @property
+    def pruned_block_count(self) -> int | None:
+        """{arch}.block_count after --prune-layers (llama.cpp rewrites only this key); None without pruning."""
+        return self._renumbered()[1] if self.options.prune_layers else None
+
+    def _renumbered(self) -> tuple[dict[str, str], int]:
+        return renumber_layers(llama_cpp_order(spec.name for spec in self.specs), self.options.prune_layers)
+
 
 def open_source(input_path: Path, imatrix_path: Path | None, options: QuantizeOptions) -> SourceModel:
     """Open the input and its imatrix; refuses what llama-quantize refuses before planning."""
-    if options.prune_layers:
-        raise BpwoptError("--prune-layers is not supported by bpwopt yet")
     reader = open_gguf(input_path)
     model = read_model_info(reader)
     specs = read_tensor_specs(reader)
+    if not specs:
+        raise BpwoptError(f"{input_path}: the GGUF holds no tensors, nothing to quantize")
     imatrix = None
     if imatrix_path is not None:
         imatrix = load_imatrix(imatrix_path)
@@ -100,9 +116,16 @@ def open_source(input_path: Path, imatrix_path: Path | None, options: QuantizeOp
 
 
 def plan_preset(source: SourceModel, type_text: str) -> tuple[TypeChoice, TypePlan]:
-    """llama.cpp's types for the preset TYPE names, refusing types bpwopt cannot write."""
-    choice = parse_type_argument(type_text, is_clip=source.model.architecture == "clip")
-    plan = plan_types(source.specs, source.model, choice.preset, source.options)
+    """llama.cpp's types for the preset TYPE names, refusing types bpwopt cannot write.
+
+    A CLIP / mmproj file follows clip-quantize-cli's rules instead (`bpwopt.clip_policy`).
+    """
+    is_clip = source.model.architecture == CLIP_ARCHITECTURE
+    choice = parse_type_argument(type_text, is_clip=is_clip)
+    if is_clip:
+        plan = plan_clip_types(source.specs, choice.preset, source.options)
+    else:
+        plan = plan_types(source.specs, source.model, choice.preset, source.options)
     unsupported = plan.unsupported_types()
     if unsupported:
         name, ggml_type = next(iter(unsupported.items()))
@@ -122,9 +145,10 @@ def check_output_path(input_path: Path, output_path: Path) -> None:
 
 def plan_data_bytes(source: SourceModel, types: dict[str, GGMLQuantizationType]) -> tuple[int, int]:
     """(elements, tensor data bytes) of the output, as llama.cpp's size line counts them (no padding)."""
-    by_name = source.tensors_by_name
-    elements = sum(int(by_name[name].n_elements) for name in types)
-    data_bytes = sum(tensor_output_bytes(by_name[name], ggml_type) for name, ggml_type in types.items())
+    by_name, source_names = source.tensors_by_name, source.source_names
+    tensors = {name: by_name[source_names[name]] for name in types}
+    elements = sum(int(tensor.n_elements) for tensor in tensors.values())
+    data_bytes = sum(tensor_output_bytes(tensors[name], ggml_type) for name, ggml_type in types.items())
     return elements, data_bytes
 
 
@@ -146,10 +170,15 @@ def write_request(
     overrides = dict(overrides)
     if source.imatrix is not None:
         overrides |= _imatrix_keys(source.imatrix, len(source.imatrix.entries))
+    if source.pruned_block_count is not None:  # set after the overrides, as llama.cpp does
+        block_count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=source.model.architecture)
+        overrides.pop(block_count_key, None)
+        overrides[block_count_key] = (GGUFValueType.UINT32, source.pruned_block_count)
     return WriteRequest(
         reader=source.reader,
         target_types=types,
         file_type=file_type if file_type is not None else _input_file_type(source.reader),
+        source_names={new: old for new, old in source.source_names.items() if new != old},
         imatrix=source.imatrix,
         overrides=overrides,
         provenance={"bpwopt.version": (GGUFValueType.STRING, __version__), **provenance},

@@ -280,6 +280,8 @@ def read_model_info(reader: gguf.GGUFReader) -> ModelInfo:
     architecture = _field_value(reader, "general.architecture")
     if architecture is None:
         raise BpwoptError("the GGUF has no general.architecture")
+    if architecture == "clip":  # CLIP / mmproj: no LLM hyperparameters; bpwopt.clip_policy plans these
+        return ModelInfo(architecture="clip", n_layer_all=int(_field_value(reader, "clip.vision.block_count", 0)))
     n_layer_all = _field_value(reader, gguf.Keys.LLM.BLOCK_COUNT.format(arch=architecture))
     if n_layer_all is None:
         raise BpwoptError(f"the GGUF has no {architecture}.block_count; llama.cpp's type policy needs it")
@@ -946,6 +948,9 @@ def compile_pattern(pattern: str, option: str) -> re.Pattern[str]:
         return re.compile(pattern)
     except re.error as error:
         raise BpwoptError(f"invalid {option} regex {pattern!r}: {error}") from None
+    except (OverflowError, RecursionError) as error:  # a{99999999999}, or thousands of nested groups
+        shown = pattern if len(pattern) <= 60 else pattern[:60] + "…"
+        raise BpwoptError(f"invalid {option} regex {shown!r}: {error}") from None
 
 
 def _compile_overrides(tensor_types: Sequence[tuple[str, GGMLQuantizationType]]):

@@ -180,7 +180,10 @@ class StateFile:
 
     def tensors(self) -> dict[str, TensorRecord]:
         """Every recorded tensor, by name."""
-        return {row["name"]: _tensor_record(row) for row in self._db["tensors"].rows}
+        try:
+            return {row["name"]: _tensor_record(row) for row in self._db["tensors"].rows}
+        except (ValueError, TypeError):  # a shape that is not a JSON list
+            raise BpwoptError(_not_state(self.path, "damaged: a tensor's shape is not a list of sizes")) from None
 
     def add_measurement(self, m: Measurement) -> None:
         """Store one measurement (replacing an earlier one of the same tensor and type), committed on return."""
@@ -208,6 +211,9 @@ class StateFile:
         for row in self._db["measurements"].rows:
             floats = ("weighted_sse", "sse", "weighted_sse_stderr", "sse_stderr", "seconds")
             m = Measurement(**{**row, **{key: _float(row[key]) for key in floats}})
+            negative = min(m.nbytes, m.rows_measured, m.rows_total, m.weighted_sse, m.sse) < 0
+            if negative or math.inf in (m.weighted_sse, m.sse):  # no measurement makes these; NaN comes back as NaN
+                raise BpwoptError(_not_state(self.path, f"damaged: impossible measurement of {m.tensor} as {m.qtype}"))
             result[(m.tensor, m.qtype)] = m
         return result
 
@@ -510,13 +516,20 @@ def _check_header(path: Path, header: bytes) -> None:
         raise BpwoptError(_not_state(path, "not an SQLite database" if header else "an empty file"))
     if int.from_bytes(header[68:72], "big") != _APPLICATION_ID:
         raise BpwoptError(_not_state(path, "an SQLite database of another program"))
+    if header[18] not in (1, 2) or header[19] not in (1, 2):  # SQLite opens other versions read-only, or not at all
+        raise BpwoptError(_not_state(path, f"damaged: file format versions {header[18]}, {header[19]} in its header"))
 
 
 def _validated_identity(path: Path, db: Database) -> StateIdentity:
     """The stored identity, after checking the file is intact and has every table of its format version."""
     problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
     if problems != ["ok"]:
-        raise BpwoptError(_not_state(path, f"damaged: {problems[0]}"))
+        first = " ".join(problems[0].replace("*** in database main ***", "").split())  # SQLite's is multi-line
+        raise BpwoptError(_not_state(path, f"damaged: {first}"))
+    # Our schema has neither; a trigger or view could make a plain insert or read do anything.
+    extra = db.execute("SELECT type, name FROM sqlite_master WHERE type IN ('trigger', 'view')").fetchone()
+    if extra is not None:
+        raise BpwoptError(_not_state(path, f"it has a {extra[0]} {extra[1]!r}"))
     if "identity" not in db.table_names():
         raise BpwoptError(_not_state(path, "no identity table"))
     stored = {row["key"]: row["value"] for row in db["identity"].rows}
