@@ -146,7 +146,11 @@ class Problem:
 
 def optimize_file(job: OptimizeJob) -> OptimizeReport:
     """Measure what is missing, solve for job.target, and (unless a dry run) write the plan."""
+    if job.options.prune_layers:
+        raise BpwoptError("--prune-layers together with --target-bpw/--target-size is not supported yet")
     source = open_source(job.input_path, job.imatrix_path, job.options)
+    if source.model.architecture == "clip":
+        raise BpwoptError("--target-bpw/--target-size do not take CLIP / mmproj files yet; give a TYPE instead")
     recipe = parse_type_argument(job.type_text or _DEFAULT_RECIPE, is_clip=source.model.architecture == "clip")
     base = plan_types(source.specs, source.model, recipe.preset, source.options, check_writable=False)
     varied = tuple(t for t in base.tensors if t.quantizable and not t.pinned)
