@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from bpwopt.errors import BpwoptError
 from bpwopt.inspector import open_gguf
-from bpwopt.state import StateFile, read_identity
+from bpwopt.state import StateFile, file_sha256, read_identity
 
 DEFAULT_CTX = 512
 CACHE_BUDGET_BYTES = 200 << 20  # default chunk count: as many as keep one base cache entry under this
@@ -123,14 +123,6 @@ def default_cache_dir() -> Path:
         return Path(os.environ["BPWOPT_CACHE_DIR"])
     root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return root / "bpwopt" / "base-logprobs"
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def cache_key(base_sha256: str, text_sha256: str, ctx: int, chunks: int) -> str:

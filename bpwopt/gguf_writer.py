@@ -142,7 +142,7 @@ def write_gguf(
             raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from error
         raise
     handle.close()
-    _fsync_directory(path.parent)
+    fsync_path(path.parent)
     return size
 
 
@@ -185,8 +185,9 @@ def _discard(path: Path) -> None:
         path.unlink()
 
 
-def _fsync_directory(directory: Path) -> None:
-    descriptor = os.open(directory, os.O_RDONLY)
+def fsync_path(path: Path) -> None:
+    """fsync a file or a directory by name (a directory's, so that a rename in it is durable)."""
+    descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:

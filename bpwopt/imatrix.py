@@ -9,7 +9,6 @@ anything is allocated from it.
 
 from __future__ import annotations
 
-import hashlib
 import struct
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ import numpy as np
 
 from bpwopt.errors import BpwoptError
 from bpwopt.inspector import check_gguf_layout
+from bpwopt.state import file_sha256
 
 _SUM_SUFFIX = ".in_sum2"
 _COUNT_SUFFIX = ".counts"
@@ -61,14 +61,6 @@ class Imatrix:
             and (not include or any(part in name for part in include))
         }
         return replace(self, entries=entries)
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_gguf_imatrix(path: Path, reader: gguf.GGUFReader) -> Imatrix:
@@ -171,7 +163,7 @@ def load_imatrix(path: str | Path) -> Imatrix:
             raise BpwoptError(f"{path}: imatrix entry {name} contains non-finite values")
         if (weights < 0).any():  # sums of squared activations: a negative one is a damaged file
             raise BpwoptError(f"{path}: imatrix entry {name} contains negative values")
-    return replace(imatrix, sha256=_file_sha256(path))
+    return replace(imatrix, sha256=file_sha256(path))
 
 
 def check_imatrix_fits(imatrix: Imatrix, tensor_names: set[str]) -> None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from sqlite_utils import Database
 
 from bpwopt.errors import BpwoptError
+from bpwopt.gguf_writer import fsync_path
 
 STATE_FORMAT_VERSION = 1
 VALUE_TABLES = ("sensitivities", "weights")
@@ -361,9 +362,9 @@ def _create(path: Path, identity: StateIdentity) -> None:
         finally:
             db.close()  # the last connection: SQLite checkpoints the WAL into the file and removes it
         try:
-            _fsync(tmp)
+            fsync_path(tmp)
             _publish(tmp, path)
-            _fsync(path.parent)
+            fsync_path(path.parent)
         except OSError as error:
             raise BpwoptError(f"cannot create state file {path}: {error.strerror}") from None
     finally:
@@ -478,12 +479,6 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _lock(path: Path) -> int:
