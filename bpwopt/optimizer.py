@@ -39,7 +39,6 @@ from bpwopt.policy import QuantizeOptions, TensorPlan, TypePlan, check_plan_writ
 from bpwopt.presets import PRESETS, Preset, parse_type_argument
 from bpwopt.solver import TensorOptions, byte_range, solve
 from bpwopt.state import (
-    Measurement,
     PlanRecord,
     StateFile,
     StateIdentity,
@@ -131,7 +130,6 @@ class Problem:
     base: TypePlan  # the policy's plan; varied tensors are replaced by the solver's choice
     varied: tuple[TensorPlan, ...]
     options: tuple[TensorOptions, ...]  # same order as varied
-    measurements: dict[tuple[str, str], Measurement]
     fixed_cost: int  # bytes of everything not varied, in the target's units
     elements: int
 
@@ -160,7 +158,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         types_of = _with_recipe_types(types_of, varied)
     output_path = job.output_path or default_output_path(job.input_path, job.target.file_label())
     identity = _identity(source, job)
-    with _open_state(job, identity, source) as state:
+    with _open_state(job, identity) as state:
         measured, reused = _measure(source, state, varied, types_of, job)
         weights = {} if job.ignore_importance else state.values("weights")
         problem = _problem(source, base, varied, types_of, state, job, weights)
@@ -258,7 +256,7 @@ def _sha256_unchanged(path: Path, inode: int, size: int, mtime_ns: int) -> str:
 
 
 @contextmanager
-def _open_state(job: OptimizeJob, identity: StateIdentity, source: SourceModel) -> Iterator[StateFile]:
+def _open_state(job: OptimizeJob, identity: StateIdentity) -> Iterator[StateFile]:
     """The state file the user asked for, or a throwaway one: one code path either way."""
     if job.state_path is not None or job.save_state:
         path = job.state_path or default_state_path(identity.model_name, identity.model_sha256)
@@ -330,7 +328,7 @@ def _problem(
     fixed = [t for t in base.tensors if t.name not in varied_names]
     fixed_cost = sum(_cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment) for t in fixed)
     elements = sum(int(by_name[t.source_name].n_elements) for t in base.tensors)
-    return Problem(base, tuple(varied), tuple(options), measurements, fixed_cost, elements)
+    return Problem(base, tuple(varied), tuple(options), fixed_cost, elements)
 
 
 def _header_bytes(source: SourceModel, base: TypePlan, job: OptimizeJob) -> int:
@@ -380,15 +378,12 @@ def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int,
     return min(budget, reachable[1]) - problem.fixed_cost
 
 
-_ERROR_KEY = "bpwopt.predicted_error"
-
-
 def _provenance_template(job: OptimizeJob, predicted_error: float = 0.0, gap: float = 0.0, state: str = "0" * 64):
     """bpwopt.* keys; every value has a fixed encoded size, so the header is known before solving."""
     return {
         "bpwopt.target": (GGUFValueType.STRING, job.target.describe()),
         "bpwopt.objective": (GGUFValueType.STRING, job.objective),
-        _ERROR_KEY: (GGUFValueType.FLOAT64, predicted_error),
+        "bpwopt.predicted_error": (GGUFValueType.FLOAT64, predicted_error),
         "bpwopt.optimality_gap": (GGUFValueType.FLOAT64, gap),
         "bpwopt.state": (GGUFValueType.STRING, state),
         "bpwopt.recipe": (GGUFValueType.STRING, job.type_text.upper() if job.type_text else "none"),
