@@ -77,7 +77,7 @@ def file_types(path: Path) -> dict[str, str]:
 class Kill:
     phase: str  # where the process was: "measurement", "solve" (all measured, no OUT.tmp yet) or "writing"
     measurements: int  # in the state after the kill
-    temporary_bytes: int  # size of OUT.tmp after the kill (0: none)
+    temporary_bytes: int  # size of the OUT.tmp this run wrote, after the kill (0: it wrote none)
 
 
 def kill_when(child: subprocess.Popen, ready: Callable[[], bool]) -> bool:
@@ -103,13 +103,22 @@ def after_measurement(state: Path, count: int, extra_seconds: float) -> Callable
     return ready
 
 
+def modified_since(path: Path, stale: int | None) -> os.stat_result | None:
+    """path's status if it exists and its modification time is not `stale` (that of a killed run's leftover)."""
+    with contextlib.suppress(FileNotFoundError):
+        status = path.stat()
+        return status if status.st_mtime_ns != stale else None
+    return None
+
+
 def while_writing(out: Path, nbytes: float) -> Callable[[], bool]:
-    """The moment OUT.tmp holds `nbytes` bytes."""
+    """The moment this run's OUT.tmp holds `nbytes` bytes (a leftover of a killed run does not count)."""
+    leftover = modified_since(temporary_path(out), None)
+    stale = leftover.st_mtime_ns if leftover else None
 
     def ready() -> bool:
-        with contextlib.suppress(FileNotFoundError):
-            return temporary_path(out).stat().st_size >= nbytes
-        return False
+        status = modified_since(temporary_path(out), stale)
+        return status is not None and status.st_size >= nbytes
 
     return ready
 
@@ -145,14 +154,15 @@ def test_kill_9_while_measuring_and_writing_loses_nothing(demo_model_path, unint
         else:
             break
         attempts += 1
+        leftover = modified_since(temporary_path(out), None)
         child = subprocess.Popen(command, env=environment, stderr=subprocess.DEVNULL)
         if not kill_when(child, ready):
             assert child.returncode == 0, "a run that was not killed failed"
             continue
-        tmp = temporary_path(out)
+        written = modified_since(temporary_path(out), leftover.st_mtime_ns if leftover else None)
         measured = stored_measurements(state)
-        phase = "writing" if tmp.exists() else "measurement" if measured < total_measurements else "solve"
-        kills.append(Kill(phase, measured, tmp.stat().st_size if tmp.exists() else 0))
+        phase = "writing" if written else "measurement" if measured < total_measurements else "solve"
+        kills.append(Kill(phase, measured, written.st_size if written else 0))
         if state.exists():
             with contextlib.closing(sqlite3.connect(state)) as db:
                 assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
