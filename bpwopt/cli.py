@@ -31,8 +31,12 @@ from bpwopt.quant_types import QUANT_TYPES
 from bpwopt.report import format_plan, report_as_dict
 from bpwopt.targets import Target, parse_size
 from bpwopt.texts import evaluation_text
+from bpwopt.tune import DEFAULT_CHUNKS as TUNE_CHUNKS
+from bpwopt.tune import DEFAULT_CTX as TUNE_CTX
+from bpwopt.tune import DEFAULT_TRIALS, tune
+from bpwopt.tune import format_report as format_tune_report
 
-SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate")
+SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
 _DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
 _TARGET_HELP = (
     "With --target-bpw or --target-size, bpwopt measures the error every candidate type adds to every "
@@ -95,6 +99,32 @@ def _calibrate(args: argparse.Namespace) -> None:
         return
     print(format_report(report))
     print(f"bpwopt: stored {len(report.weights)} group weights in {args.state_file}; later solves use them "
+          "(--ignore-tensor-importance to solve without)", file=sys.stderr)  # fmt: skip
+
+
+def _tune(args: argparse.Namespace) -> None:
+    budgets = [Target(bits_per_weight=bpw) for bpw in args.target_bpw or ()]
+    budgets += [Target(file_bytes=parse_size(size)) for size in args.target_size or ()]
+    if not budgets:
+        raise BpwoptError("give at least one budget to tune at: --target-bpw BPW... or --target-size SIZE...")
+    if args.sample_rows < 2:
+        raise BpwoptError("--sample-rows must be at least 2")
+    solve = OptimizeJob(
+        input_path=args.model, output_path=None, target=budgets[0],
+        options=QuantizeOptions(allow_requantize=args.allow_requantize), imatrix_path=args.imatrix,
+        candidates=parse_candidates(args.candidates), sampling=Sampling(max_rows=args.sample_rows),
+        state_path=args.state_file, objective=args.objective, threads=args.threads, progress=not args.quiet,
+    )  # fmt: skip
+    report = tune(
+        solve, budgets, trials=args.trials, ctx=args.ctx, chunks=args.chunks, seed=args.seed, progress=not args.quiet
+    )
+    if args.json:
+        print(json.dumps({"study": report.study_name, "storage": str(report.storage),
+                          "budgets": [b.describe() for b in report.budgets], "untuned": vars(report.untuned),
+                          "best": vars(report.best), "trials": len(report.trials)}, indent=2))  # fmt: skip
+        return
+    print(format_tune_report(report))
+    print(f"bpwopt: stored the best factors in {args.state_file}; later solves use them "
           "(--ignore-tensor-importance to solve without)", file=sys.stderr)  # fmt: skip
 
 
@@ -412,6 +442,34 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--quiet", action="store_true", help="no progress bar")
     calibration.add_argument("--json", action="store_true", help="machine-readable output on stdout")
     calibration.set_defaults(run=_calibrate)
+    tuning = commands.add_parser(
+        "tune",
+        help="fit per-class and depth factors of the objective to measured KLD (optuna); solves use them",
+        description="Each trial gives every tensor class a factor and the blocks a depth factor, solves every "
+        "budget with them, writes each plan and measures its KL divergence against MODEL on the calibration text "
+        "(never the evaluation text); optuna minimizes the mean log KLD. Trial 0 is the untuned objective. The "
+        "study is kept beside the state (STATE.optuna.db) and resumes; the best factors are stored in the state's "
+        "tuned table, which later solves use unless --ignore-tensor-importance.",
+    )
+    tuning.add_argument("model", type=Path, help="the unquantized GGUF (measured into the state if not yet)")
+    tuning.add_argument("--state-file", type=Path, required=True, help="the model's state file")
+    tuning.add_argument("--imatrix", type=Path, help="the imatrix the state was measured with, if any")
+    tuning.add_argument("--target-bpw", type=float, nargs="+", metavar="BPW", help="budgets to tune at, in bpw")
+    tuning.add_argument("--target-size", nargs="+", metavar="SIZE", help="budgets to tune at, as file sizes")
+    tuning.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+                        help=f"completed trials the study should reach ({DEFAULT_TRIALS})")  # fmt: skip
+    tuning.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE, help="the objective tuned")
+    tuning.add_argument("--ctx", type=int, default=TUNE_CTX, help=f"window length in tokens ({TUNE_CTX})")
+    tuning.add_argument("--chunks", type=int, default=TUNE_CHUNKS, help=f"windows per evaluation ({TUNE_CHUNKS})")
+    tuning.add_argument("--seed", type=int, default=0, help="optuna sampler seed")
+    tuning.add_argument("--allow-requantize", action="store_true", help="MODEL may be quantized (as for quantize)")
+    tuning.add_argument("--candidates", metavar="T1,T2,...", help="as measured into the state (default: bpwopt's)")
+    tuning.add_argument("--sample-rows", type=int, default=Sampling.max_rows, metavar="N",
+                        help="as measured into the state")  # fmt: skip
+    tuning.add_argument("--threads", type=int, help="threads for quantizing and llama.cpp")
+    tuning.add_argument("--quiet", action="store_true", help="no progress bar")
+    tuning.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    tuning.set_defaults(run=_tune)
     return parser
 
 

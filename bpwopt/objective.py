@@ -27,6 +27,7 @@ much as a 0.9M-weight FFN matrix and buys it Q8_0 at the FFN's expense.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import numpy as np
@@ -120,3 +121,19 @@ def group_weight(record: TensorRecord, weights: Mapping[str, float]) -> float:
     if record.category in weights:
         return float(weights[record.category])
     return 1.0
+
+
+DEPTH_KEY = "depth"  # the tuned table's depth factor; every other key is a tensor class
+
+
+def tuned_factor(record: TensorRecord, tuning: Mapping[str, float], n_layer: int) -> float:
+    """A tensor's multiplier from `bpwopt tune`: its class's factor times exp(depth · position).
+
+    position runs from −1 at the first block to +1 at the last (0 outside the
+    blocks), so a positive depth weighs late layers up and early ones down by
+    the same factor. Classes without a tuned factor get 1.
+    """
+    factor = float(tuning.get(record.category, 1.0))
+    if record.layer is not None and n_layer > 1:
+        factor *= math.exp(float(tuning.get(DEPTH_KEY, 0.0)) * (2.0 * record.layer / (n_layer - 1) - 1.0))
+    return factor

@@ -26,7 +26,7 @@ from bpwopt.errors import BpwoptError
 from bpwopt.gguf_writer import padded_size
 from bpwopt.measure import DEFAULT_CANDIDATES, MeasureTask, Sampling, candidate_types, measure_tensors
 from bpwopt.model_writer import KeyValue, output_alignment, planned_file_bytes, write_model
-from bpwopt.objective import DEFAULT_OBJECTIVE, group_weight, option_errors
+from bpwopt.objective import DEFAULT_OBJECTIVE, group_weight, option_errors, tuned_factor
 from bpwopt.pipeline import (
     SourceModel,
     check_output_path,
@@ -69,7 +69,9 @@ class OptimizeJob:
     state_path: Path | None = None  # --state-file
     save_state: bool = False  # --save-state: state/<model>-<hash>-mse.bpw_state unless state_path
     objective: str = DEFAULT_OBJECTIVE
-    ignore_importance: bool = False  # --ignore-tensor-importance: no stored per-group weights
+    ignore_importance: bool = False  # --ignore-tensor-importance: no stored per-group weights or tuned factors
+    tuning: dict[str, float] | None = None  # class and depth factors (bpwopt.tune's trials); None: the state's
+    record_plan: bool = True  # store the plan in the state (a tuning trial's plans are not kept)
     threads: int | None = None
     time_limit: float = 10.0  # seconds for the exact (MILP) stage
     dry_run: bool = False
@@ -160,8 +162,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     identity = _identity(source, job)
     with _open_state(job, identity) as state:
         measured, reused = _measure(source, state, varied, types_of, job)
-        weights = {} if job.ignore_importance else state.values("weights")
-        problem = _problem(source, base, varied, types_of, state, job, weights)
+        problem = _problem(source, base, varied, types_of, state, job)
         reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
         header = _header_bytes(source, base, job) if job.target.counts_whole_file else 0
         budget = _budget(job.target, problem, header, reachable)
@@ -182,7 +183,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
             written = write_model(request, output_path)
             if written != file_bytes:
                 raise BpwoptError(f"internal error: wrote {written} bytes, predicted {file_bytes}")
-        if job.save_state or job.state_path:
+        if (job.save_state or job.state_path) and job.record_plan:
             state.add_plan(
                 PlanRecord(
                     target=job.target.describe(),
@@ -306,10 +307,12 @@ def _problem(
     types_of: dict[str, tuple],
     state: StateFile,
     job: OptimizeJob,
-    weights: dict[str, float],
 ) -> Problem:
     measurements = state.measurements()
     records: dict[str, TensorRecord] = state.tensors()
+    weights = {} if job.ignore_importance else state.values("weights")
+    tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
+    n_layer = source.model.n_layer_all
     by_name = source.tensors_by_name
     alignment = output_alignment(source.reader)
     options = []
@@ -321,7 +324,9 @@ def _problem(
                 name=plan.name,
                 labels=tuple(m.qtype for m in rows),
                 nbytes=np.array([_cost(job, m.nbytes, alignment) for m in rows], dtype=np.int64),
-                error=option_errors(job.objective, rows, record, group_weight(record, weights)),
+                error=option_errors(
+                    job.objective, rows, record, group_weight(record, weights) * tuned_factor(record, tuning, n_layer)
+                ),
             )
         )
     varied_names = {t.name for t in varied}

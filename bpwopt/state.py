@@ -34,14 +34,15 @@ from bpwopt.errors import BpwoptError
 from bpwopt.gguf_writer import fsync_path
 
 STATE_FORMAT_VERSION = 1
-VALUE_TABLES = ("sensitivities", "weights")
+VALUE_TABLES = ("sensitivities", "weights", "tuned")
 
 # PRAGMA application_id marks the file as ours in SQLite's header (offset 68), so a
 # foreign SQLite database is told apart before any of its tables is read.
 _APPLICATION_ID = 0x62707773  # "bpws"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEADER_BYTES = 100
-_TABLES = ("identity", "tensors", "measurements", "plans", "evaluations", *VALUE_TABLES)
+# Every state has these; "tuned" came later and is created on its first write (read as empty until then).
+_TABLES = ("identity", "tensors", "measurements", "plans", "evaluations", "sensitivities", "weights")
 _HASH_SHOWN = 12  # hex digits of a sha256 quoted in messages
 
 
@@ -266,15 +267,19 @@ class StateFile:
         ]
 
     def set_values(self, table: str, values: dict[str, float]) -> None:
-        """Replace every row of a value table ('sensitivities' or 'weights': group name -> float) atomically."""
+        """Replace every row of a value table (VALUE_TABLES: name -> float) atomically."""
         _check_value_table(table)
         with self._writing(), self._db.atomic():
+            if not self._db[table].exists():
+                _create_value_table(self._db, table)
             self._db.execute(f"DELETE FROM [{table}]")
             self._db[table].insert_all({"name": name, "value": float(value)} for name, value in values.items())
 
     def values(self, table: str) -> dict[str, float]:
-        """A value table ('sensitivities' or 'weights') as group name -> float; empty if never set."""
+        """A value table (VALUE_TABLES) as name -> float; empty if never set."""
         _check_value_table(table)
+        if not self._db[table].exists():
+            return {}
         return {row["name"]: _float(row["value"]) for row in self._db[table].rows}
 
     def close(self) -> None:
@@ -446,7 +451,11 @@ def _create_schema(db: Database) -> None:
         strict=True,
     )
     for table in VALUE_TABLES:
-        db[table].create({"name": str, "value": float}, pk="name", not_null={"name"}, strict=True)
+        _create_value_table(db, table)
+
+
+def _create_value_table(db: Database, table: str) -> None:
+    db[table].create({"name": str, "value": float}, pk="name", not_null={"name"}, strict=True)
 
 
 def _identity_rows(identity: StateIdentity) -> list[dict]:

@@ -1,0 +1,106 @@
+"""`bpwopt tune`: tuned factors in the objective, and a small optuna study on the demo model that resumes."""
+
+from __future__ import annotations
+
+import math
+import sqlite3
+from dataclasses import replace
+
+import gguf
+import pytest
+
+from bpwopt.cli import main
+from bpwopt.measure import Sampling
+from bpwopt.objective import DEPTH_KEY, tuned_factor
+from bpwopt.optimizer import OptimizeJob, optimize_file
+from bpwopt.policy import QuantizeOptions
+from bpwopt.state import StateFile, TensorRecord, read_identity
+from bpwopt.targets import Target
+from bpwopt.tune import storage_path, tune
+
+Q = gguf.GGMLQuantizationType
+CANDIDATES = (Q.Q4_0, Q.Q5_0, Q.Q8_0)  # few types: measuring the demo stays fast
+
+
+def record(category: str, layer: int | None) -> TensorRecord:
+    return TensorRecord(f"blk.{layer}.{category}.weight", (64, 8), 512, "F32", category, layer, 1.0, 1.0)
+
+
+def test_tuned_factor_is_class_factor_times_exp_depth_at_the_layer_position():
+    tuning = {"attn_v": 4.0, DEPTH_KEY: 0.5}
+    assert tuned_factor(record("attn_v", 0), tuning, 11) == pytest.approx(4.0 * math.exp(-0.5))
+    assert tuned_factor(record("attn_v", 5), tuning, 11) == pytest.approx(4.0)
+    assert tuned_factor(record("attn_v", 10), tuning, 11) == pytest.approx(4.0 * math.exp(0.5))
+    assert tuned_factor(record("ffn_up", 10), tuning, 11) == pytest.approx(math.exp(0.5))  # no class factor: 1
+    assert tuned_factor(record("token_embd", None), tuning, 11) == 1.0  # outside the blocks: no depth
+    assert tuned_factor(record("attn_v", 0), {}, 11) == 1.0
+
+
+@pytest.fixture(scope="module")
+def solve(demo_model_path, tmp_path_factory) -> OptimizeJob:
+    """A solve template on a measured state of the demo model."""
+    state = tmp_path_factory.mktemp("tune") / "smollm2.bpw_state"
+    job = OptimizeJob(
+        input_path=demo_model_path, output_path=None, target=Target(bits_per_weight=5.5),
+        options=QuantizeOptions(allow_requantize=True), candidates=CANDIDATES, sampling=Sampling(max_rows=64),
+        state_path=state, dry_run=True, progress=False,
+    )  # fmt: skip
+    optimize_file(job)
+    return job
+
+
+def ffn_down_bytes(job: OptimizeJob) -> int:
+    return sum(t.data_bytes for t in optimize_file(job).tensors if t.category == "ffn_down")
+
+
+def test_a_stored_class_factor_moves_bytes_to_that_class(solve):
+    plain = ffn_down_bytes(solve)
+    assert ffn_down_bytes(replace(solve, tuning={"ffn_down": 1000.0})) > plain
+    with StateFile.open(solve.state_path, read_identity(solve.state_path), create=False) as state:
+        state.set_values("tuned", {"ffn_down": 1000.0})
+    try:
+        assert ffn_down_bytes(solve) > plain  # the stored factors are used by default …
+        assert ffn_down_bytes(replace(solve, ignore_importance=True)) == plain  # … and not with this
+    finally:
+        with StateFile.open(solve.state_path, read_identity(solve.state_path), create=False) as state:
+            state.set_values("tuned", {})
+
+
+def test_a_state_made_before_the_tuned_table_reads_it_as_empty(solve, tmp_path):
+    old = tmp_path / "old.bpw_state"
+    old.write_bytes(solve.state_path.read_bytes())
+    with sqlite3.connect(old) as db:
+        db.execute("DROP TABLE tuned")
+    with StateFile.open(old, read_identity(old), create=False) as state:
+        assert state.values("tuned") == {}
+        state.set_values("tuned", {"attn_v": 2.0})
+        assert state.values("tuned") == {"attn_v": 2.0}
+
+
+def test_tune_runs_untuned_first_stores_the_best_and_resumes(solve, tmp_path):
+    budgets = [Target(bits_per_weight=5.0)]
+    settings = {"ctx": 64, "chunks": 1, "cache_dir": tmp_path, "progress": False}
+    report = tune(solve, budgets, trials=3, **settings)
+    assert len(report.trials) == 3 and report.untuned.number == 0
+    assert set(report.untuned.tuning.values()) == {1.0, 0.0}  # every class factor 1, depth 0
+    assert {"attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "token_embd"} | {
+        DEPTH_KEY
+    } == set(report.untuned.tuning)
+    assert all(len(t.klds) == 1 and t.klds[0] > 0 and t.score == pytest.approx(math.log(t.klds[0]))
+               for t in report.trials)  # fmt: skip
+    assert report.best.score == min(t.score for t in report.trials) <= report.untuned.score
+    with StateFile.open(solve.state_path, read_identity(solve.state_path), create=False) as state:
+        assert state.values("tuned") == pytest.approx(report.best.tuning)
+        state.set_values("tuned", {})
+    assert storage_path(solve.state_path).is_file()
+
+    resumed = tune(solve, budgets, trials=4, **settings)
+    assert [t.number for t in resumed.trials] == [0, 1, 2, 3]  # one more trial; the untuned one not run again
+    assert resumed.trials[:3] == report.trials
+
+
+def test_tune_without_a_budget_is_one_line_and_exit_1(demo_model_path, tmp_path, capsys):
+    assert main(["tune", str(demo_model_path), "--state-file", str(tmp_path / "s.bpw_state")]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "bpwopt: error: give at least one budget to tune at: --target-bpw BPW... or --target-size SIZE..."
+    )
