@@ -186,7 +186,7 @@ def test_full_disk_while_writing_the_plan_keeps_the_previous_output_and_the_stat
 
 def test_full_disk_while_measuring_keeps_what_was_committed(tmp_path):
     model, state = write_model(tmp_path / "model.gguf", rows=64), tmp_path / "run.bpw_state"
-    status, stderr = run_child("file-size=60000", *OPTIMIZE, "--dry-run", "--state-file", state, model)
+    status, stderr = run_child("file-size=80000", *OPTIMIZE, "--dry-run", "--state-file", state, model)
     assert status == 1
     assert one_error_line(stderr).startswith(f"bpwopt: error: cannot write state file {state}: ")
     committed = stored_measurements(state)
