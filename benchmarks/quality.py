@@ -3,16 +3,21 @@
 Every method quantizes from the off-grid F16 base (`bpwopt.testbed`), so no
 type is favoured by the source's grid. For each preset: the preset itself
 (bpwopt's drop-in, byte-identical to llama-quantize), then bpwopt with each
-objective at a file size no larger than the preset's. KLD against the F16
-base on the evaluation text (`bpwopt.texts`), through llama.cpp.
+method at a file size no larger than the preset's. KLD against the F16 base on
+the evaluation text (`bpwopt.texts`), through llama.cpp.
 
-Methods: `relative` and `wsse` are the objectives alone (stored group weights
-ignored); `sensitivity` is `relative` weighted by noise-injection
-sensitivities (`bpwopt.calibrate`, measured on the calibration text and stored
-in the state; a calibration already in the state with the same settings is
-reused).
+Methods:
+  wsse         Σ w(x−x̂)², stored weights ignored (w = the imatrix; plain squared error without one)
+  relative     each tensor's error over its own signal, stored weights ignored
+  sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate` on the calibration text)
+  tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
+               calibration text) at held-out budgets: bpw midway between the two smallest and between
+               the two largest presets, never one of the sizes in the table
 
-    python benchmarks/quality.py --presets Q3_K_M Q4_K_M --objectives relative wsse sensitivity
+Rows are appended to --out as they are measured; a rerun skips rows already
+there, and the state (measurements, sensitivities, the optuna study) resumes.
+
+    python benchmarks/quality.py --imatrix no --out benchmarks/quality-smollm2.md
 """
 
 from __future__ import annotations
@@ -22,79 +27,118 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from bpwopt.calibrate import DEFAULT_CHUNKS, DEFAULT_NOISE, calibrate
+from bpwopt.calibrate import DEFAULT_NOISE, calibrate
 from bpwopt.demo import smollm2_path
 from bpwopt.evaluate import evaluate
-from bpwopt.measure import Sampling
 from bpwopt.optimizer import OptimizeJob, optimize_file
 from bpwopt.pipeline import QuantizeJob, quantize_file
-from bpwopt.policy import QuantizeOptions
 from bpwopt.targets import Target
 from bpwopt.testbed import make_off_grid
 from bpwopt.texts import evaluation_text
+from bpwopt.tune import tune
 
 REPO = Path(__file__).resolve().parent.parent
-IMATRIX = {"smollm2": REPO / "data" / "smollm2-135m-offgrid-f16.imatrix.gguf"}
+IMATRIX = REPO / "data" / "smollm2-135m-offgrid-f16.imatrix.gguf"
+PRESETS = ["Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"]
+METHODS = ["wsse", "relative", "sensitivity", "tuned"]
+HEADER = (
+    "| preset | imatrix | method | file bytes | bpw | mean KLD | ± | p99 KLD | same top | PPL | KLD / preset |\n"
+    "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--imatrix", choices=["yes", "no"], default="yes")
+    parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="calibration noise, rho^2")
+    parser.add_argument("--calibration-chunks", type=int, default=2)
+    parser.add_argument("--calibration-ctx", type=int, default=256)
+    parser.add_argument("--trials", type=int, default=16, help="optuna trials for the tuned method")
+    parser.add_argument("--chunks", type=int, default=None, help="evaluation windows (default: evaluate's)")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--work", type=Path, default=None, help="directory for models and states (default: temp)")
+    parser.add_argument("--out", type=Path, required=True, help="markdown table, appended to and resumed from")
+    return parser.parse_args()
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--presets", nargs="+", default=["Q3_K_M", "Q4_K_M"])
-    parser.add_argument("--objectives", nargs="+", default=["relative", "wsse", "sensitivity"], metavar="METHOD",
-                        help="relative, wsse, sensitivity (relative weighted by calibrated sensitivities)")
-    parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="calibration noise, rho^2")
-    parser.add_argument("--calibration-chunks", type=int, default=DEFAULT_CHUNKS)
-    parser.add_argument("--calibration-ctx", type=int, default=512)
-    parser.add_argument("--imatrix", choices=["yes", "no", "both"], default="both")
-    parser.add_argument("--chunks", type=int, default=None, help="evaluation windows (default: evaluate's)")
-    parser.add_argument("--work", type=Path, default=None, help="directory for models and states (default: temp)")
-    args = parser.parse_args()
+    args = parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bpwopt-quality-"))
     work.mkdir(parents=True, exist_ok=True)
     base = work / "smollm2-offgrid-f16.gguf"
     if not base.exists():
         make_off_grid(smollm2_path(), base)
-    text = evaluation_text()
-    print("| preset | imatrix | method | file bytes | bpw | mean KLD | ± | p99 KLD | same top | PPL | KLD / preset |")
-    print("| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for use_imatrix in {"yes": [True], "no": [False], "both": [False, True]}[args.imatrix]:
-        imatrix = IMATRIX["smollm2"] if use_imatrix else None
-        for preset in args.presets:
-            reference = None
-            out = work / f"{preset}-{'imat' if use_imatrix else 'plain'}-preset.gguf"
-            report = quantize_file(QuantizeJob(base, out, preset, imatrix_path=imatrix, progress=False))
-            rows = [("preset", report.file_bytes, report.bits_per_weight, out)]
-            for objective in args.objectives:
-                out = work / f"{preset}-{'imat' if use_imatrix else 'plain'}-{objective}.gguf"
-                job = OptimizeJob(
-                    input_path=base,
-                    output_path=out,
-                    target=Target(file_bytes=report.file_bytes),
-                    options=QuantizeOptions(),
-                    imatrix_path=imatrix,
-                    sampling=Sampling(),
-                    state_path=work / f"smollm2-{'imat' if use_imatrix else 'plain'}.bpw_state",
-                    objective="relative" if objective == "sensitivity" else objective,
-                    ignore_importance=objective != "sensitivity",
-                    progress=False,
+    imatrix = IMATRIX if args.imatrix == "yes" else None
+    label = "imat" if imatrix else "plain"
+    if not args.out.exists():
+        args.out.write_text(HEADER)
+    done = measured_rows(args.out)
+    solve = OptimizeJob(
+        input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,
+        state_path=work / f"smollm2-{label}.bpw_state", objective="relative", threads=args.threads, progress=False,
+    )  # fmt: skip
+    presets = {
+        name: quantize_preset(base, name, imatrix, work / f"{name}-{label}-preset.gguf") for name in args.presets
+    }
+    if {"sensitivity", "tuned"} & set(args.methods):  # calibrate resumes and reuses values of the same settings
+        optimize_file(replace(solve, dry_run=True, ignore_importance=True))  # measures what the state lacks
+        calibrate(
+            base, solve.state_path, imatrix_path=imatrix, noise=args.noise, chunks=args.calibration_chunks,
+            ctx=args.calibration_ctx, threads=args.threads, progress=False,
+        )  # fmt: skip
+    text, reference = evaluation_text(), {}
+    for name, (path, file_bytes, bpw) in presets.items():
+        for method in ["preset", *args.methods]:  # the preset first: its KLD is the ratio's reference
+            key = (name, args.imatrix, method)
+            if key in done:
+                reference.setdefault(name, done[key])
+                continue
+            if method != "preset":
+                out = work / f"{name}-{label}-{method}.gguf"
+                plan = optimize_file(method_job(solve, method, presets, args, out, file_bytes))
+                file_bytes, bpw, path = plan.file_bytes, plan.bits_per_weight, out
+            result = evaluate(base, path, text, chunks=args.chunks, threads=args.threads, progress=False)
+            reference.setdefault(name, result.mean_kld)
+            with args.out.open("a") as table:
+                table.write(
+                    f"| {name} | {args.imatrix} | {method} | {file_bytes:,} | {bpw:.4f} | {result.mean_kld:.5f} | "
+                    f"{result.mean_kld_stderr:.5f} | {result.p99_kld:.4f} | {result.same_top_rate:.4f} | "
+                    f"{result.ppl_quant:.3f} | {result.mean_kld / reference[name]:.2f} |\n"
                 )
-                if objective == "sensitivity":
-                    optimize_file(replace(job, dry_run=True, ignore_importance=True))  # measures what is missing
-                    calibrate(
-                        base, job.state_path, imatrix_path=imatrix, noise=args.noise, chunks=args.calibration_chunks,
-                        ctx=args.calibration_ctx, progress=False,
-                    )  # fmt: skip
-                plan = optimize_file(job)
-                rows.append((objective, plan.file_bytes, plan.bits_per_weight, out))
-            for method, file_bytes, bpw, path in rows:
-                result = evaluate(base, path, text, chunks=args.chunks, progress=False)
-                reference = reference or result.mean_kld
-                print(
-                    f"| {preset} | {'yes' if use_imatrix else 'no'} | {method} | {file_bytes:,} | {bpw:.4f} | "
-                    f"{result.mean_kld:.5f} | {result.mean_kld_stderr:.5f} | {result.p99_kld:.4f} | "
-                    f"{result.same_top_rate:.4f} | {result.ppl_quant:.3f} | {result.mean_kld / reference:.2f} |",
-                    flush=True,
-                )
+            print(f"{name} {method}: KLD {result.mean_kld:.5f}", flush=True)
+
+
+def measured_rows(table: Path) -> dict[tuple[str, str, str], float]:
+    """(preset, imatrix, method) -> mean KLD of the rows already in the table."""
+    rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()[2:] if line.startswith("|")]
+    return {(r[0].strip(), r[1].strip(), r[2].strip()): float(r[5]) for r in rows}
+
+
+def quantize_preset(base: Path, name: str, imatrix: Path | None, out: Path) -> tuple[Path, int, float]:
+    report = quantize_file(QuantizeJob(base, out, name, imatrix_path=imatrix, progress=False))
+    return out, report.file_bytes, report.bits_per_weight
+
+
+def method_job(
+    solve: OptimizeJob, method: str, presets: dict, args: argparse.Namespace, out: Path, file_bytes: int
+) -> OptimizeJob:
+    """The optimizer job of a method at one preset's size; `tuned` runs (or resumes) its study first."""
+    job = replace(solve, output_path=out, target=Target(file_bytes=file_bytes), objective="relative")
+    if method in ("wsse", "relative"):
+        return replace(job, objective=method, ignore_importance=True)
+    if method == "sensitivity":
+        return replace(job, tuning={})
+    report = tune(solve, held_out_budgets(presets), trials=args.trials, progress=False)
+    return replace(job, tuning=report.best.tuning)
+
+
+def held_out_budgets(presets: dict) -> list[Target]:
+    """bpw midway between the two smallest and the two largest presets' sizes: budgets the table never uses."""
+    bpws = sorted(bpw for _, _, bpw in presets.values())
+    return [Target(bits_per_weight=round((bpws[0] + bpws[1]) / 2, 3)),
+            Target(bits_per_weight=round((bpws[-2] + bpws[-1]) / 2, 3))]  # fmt: skip
 
 
 if __name__ == "__main__":

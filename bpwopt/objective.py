@@ -18,7 +18,10 @@ columns. Two ways to add those up across tensors:
 Without an imatrix w = 1 and both fall back to plain squared error. Per-group
 weights (sensitivities or optuna-tuned factors) multiply the tensor's terms.
 
-The default is `wsse`, on evidence (benchmarks/quality.py, off-grid F16
+Without an explicit `--objective`, a state holding calibrated group weights
+is solved with `relative` (the sensitivities are KLD per unit of relative
+error, so only that product predicts KLD), any other with `wsse`
+(`default_objective`). `wsse` is the default on evidence (benchmarks/quality.py, off-grid F16
 SmolLM2 with its imatrix, KLD against the F16 model): at the Q4_K_M preset's
 size `wsse` gives 0.96× the preset's KLD and `relative` 2.10×; at Q3_K_M's
 size 0.96× and 0.99×. Unweighted, `relative` counts a 0.1M-weight attn_k as
@@ -137,3 +140,20 @@ def tuned_factor(record: TensorRecord, tuning: Mapping[str, float], n_layer: int
     if record.layer is not None and n_layer > 1:
         factor *= math.exp(float(tuning.get(DEPTH_KEY, 0.0)) * (2.0 * record.layer / (n_layer - 1) - 1.0))
     return factor
+
+
+def tensor_weights(
+    records: Mapping[str, TensorRecord], weights: Mapping[str, float], tuning: Mapping[str, float]
+) -> dict[str, float]:
+    """Each tensor's multiplier of its errors: its group's stored weight times its tuned factor.
+
+    The depth position counts the blocks the state's tensors come from, so the
+    optimizer and the plots place every layer alike.
+    """
+    n_layer = 1 + max((r.layer for r in records.values() if r.layer is not None), default=0)
+    return {name: group_weight(r, weights) * tuned_factor(r, tuning, n_layer) for name, r in records.items()}
+
+
+def default_objective(weights: Mapping[str, float]) -> str:
+    """The objective when none is asked for: `relative` once calibrated group weights exist, else `wsse`."""
+    return "relative" if weights else DEFAULT_OBJECTIVE

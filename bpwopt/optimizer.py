@@ -26,7 +26,7 @@ from bpwopt.errors import BpwoptError
 from bpwopt.gguf_writer import padded_size
 from bpwopt.measure import DEFAULT_CANDIDATES, MeasureTask, Sampling, candidate_types, measure_tensors
 from bpwopt.model_writer import KeyValue, output_alignment, planned_file_bytes, write_model
-from bpwopt.objective import DEFAULT_OBJECTIVE, group_weight, option_errors, tuned_factor
+from bpwopt.objective import default_objective, option_errors, tensor_weights
 from bpwopt.pipeline import (
     SourceModel,
     check_output_path,
@@ -68,7 +68,7 @@ class OptimizeJob:
     sampling: Sampling = field(default_factory=Sampling)
     state_path: Path | None = None  # --state-file
     save_state: bool = False  # --save-state: state/<model>-<hash>-mse.bpw_state unless state_path
-    objective: str = DEFAULT_OBJECTIVE
+    objective: str | None = None  # None: bpwopt.objective.default_objective of the state's weights
     ignore_importance: bool = False  # --ignore-tensor-importance: no stored per-group weights or tuned factors
     tuning: dict[str, float] | None = None  # class and depth factors (bpwopt.tune's trials); None: the state's
     record_plan: bool = True  # store the plan in the state (a tuning trial's plans are not kept)
@@ -162,6 +162,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     identity = _identity(source, job)
     with _open_state(job, identity) as state:
         measured, reused = _measure(source, state, varied, types_of, job)
+        job = replace(job, objective=job.objective or default_objective(_stored_weights(state, job)))
         problem = _problem(source, base, varied, types_of, state, job)
         reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
         header = _header_bytes(source, base, job) if job.target.counts_whole_file else 0
@@ -310,9 +311,8 @@ def _problem(
 ) -> Problem:
     measurements = state.measurements()
     records: dict[str, TensorRecord] = state.tensors()
-    weights = {} if job.ignore_importance else state.values("weights")
     tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
-    n_layer = source.model.n_layer_all
+    weight_of = tensor_weights(records, _stored_weights(state, job), tuning)
     by_name = source.tensors_by_name
     alignment = output_alignment(source.reader)
     options = []
@@ -324,9 +324,7 @@ def _problem(
                 name=plan.name,
                 labels=tuple(m.qtype for m in rows),
                 nbytes=np.array([_cost(job, m.nbytes, alignment) for m in rows], dtype=np.int64),
-                error=option_errors(
-                    job.objective, rows, record, group_weight(record, weights) * tuned_factor(record, tuning, n_layer)
-                ),
+                error=option_errors(job.objective, rows, record, weight_of[plan.source_name]),
             )
         )
     varied_names = {t.name for t in varied}
@@ -334,6 +332,11 @@ def _problem(
     fixed_cost = sum(_cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment) for t in fixed)
     elements = sum(int(by_name[t.source_name].n_elements) for t in base.tensors)
     return Problem(base, tuple(varied), tuple(options), fixed_cost, elements)
+
+
+def _stored_weights(state: StateFile, job: OptimizeJob) -> dict[str, float]:
+    """The state's calibrated group weights, unless --ignore-tensor-importance."""
+    return {} if job.ignore_importance else state.values("weights")
 
 
 def _header_bytes(source: SourceModel, base: TypePlan, job: OptimizeJob) -> int:

@@ -40,7 +40,14 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from bpwopt.errors import BpwoptError
-from bpwopt.objective import DEFAULT_OBJECTIVE, OBJECTIVES, check_objective, group_weight, option_errors
+from bpwopt.objective import (
+    DEFAULT_OBJECTIVE,
+    OBJECTIVES,
+    check_objective,
+    default_objective,
+    option_errors,
+    tensor_weights,
+)
 from bpwopt.policy import Category, QuantizeOptions, plan_types
 from bpwopt.presets import PRESETS, PRESETS_BY_NAME
 from bpwopt.solver import TensorOptions, solve
@@ -320,7 +327,7 @@ def read_plot_data(
     """Read a state (and optionally its model, for the presets) into the data of the three figures.
 
     plan_id selects the plan of figure (b) and the one whose fixed tensors the curve keeps (default:
-    the newest). objective defaults to the one that plan was solved with (else DEFAULT_OBJECTIVE), so
+    the newest). objective defaults to the one that plan was solved with (else default_objective), so
     the curve is the one the solver saw; it re-solves with the state's stored per-group weights, as the
     optimizer does by default. Every stored plan is placed by the error of its types under that objective.
     """
@@ -331,13 +338,14 @@ def read_plot_data(
         measurements = state.measurements()
         plans = state.plans()
         evaluations = state.evaluations()
-        weights = state.values("weights")
+        group_weights = state.values("weights")
+        weights = tensor_weights(tensors, group_weights, state.values("tuned"))
     if model_path is not None:
         _check_model(Path(model_path), identity.model_sha256, state_path)
     chosen = _chosen_plan(plans, plan_id, state_path)
     if objective is None:
         objective = chosen[1].objective if chosen is not None and chosen[1].objective in OBJECTIVES else None
-    objective = check_objective(objective or DEFAULT_OBJECTIVE)
+    objective = check_objective(objective or default_objective(group_weights))
     weighted = identity.imatrix_sha256 is not None
     curves = tensor_curves(tensors, measurements, identity.model_name, weighted)
     chosen_id = chosen[0] if chosen is not None else None
@@ -370,7 +378,7 @@ def read_plot_data(
     marked = _plan_points(plans, options, _kld_by_plan(evaluations))
     presets = _preset_points(source, varied, elements) if source is not None else ()
     note = "" if source is not None else "llama.cpp presets not shown: pass the model (--model MODEL.gguf)"
-    error_label = _error_label(objective, weighted, bool(weights))
+    error_label = _error_label(objective, weighted, any(w != 1.0 for w in weights.values()))
     tradeoff = TradeoffData(identity.model_name, objective, error_label, bpw, error, presets, marked, note)
     return PlotData(tradeoff, plan_bits_data, chosen_id, curves, tuple(skipped))
 
@@ -409,7 +417,10 @@ def state_options(
     objective: str = DEFAULT_OBJECTIVE,
     weights: Mapping[str, float] | None = None,
 ) -> dict[str, TensorOptions]:
-    """Every measured tensor's options as the solver sees them: raw tensor bytes (bpw units) and objective errors."""
+    """Every measured tensor's options as the solver sees them: raw tensor bytes (bpw units) and objective errors.
+
+    weights: tensor name -> multiplier of its errors (bpwopt.objective.tensor_weights; absent: 1).
+    """
     rows: dict[str, list[Measurement]] = {}
     for (name, _), m in measurements.items():
         rows.setdefault(name, []).append(m)
@@ -421,7 +432,7 @@ def state_options(
             name=name,
             labels=tuple(m.qtype for m in measured),
             nbytes=np.array([m.nbytes for m in measured], dtype=np.int64),
-            error=option_errors(objective, measured, record, group_weight(record, weights or {})),
+            error=option_errors(objective, measured, record, (weights or {}).get(name, 1.0)),
         )
     return options
 
@@ -639,7 +650,7 @@ def _type_bytes(elements: int, type_name: str) -> int:
 def _error_label(objective: str, weighted: bool, group_weights: bool) -> str:
     w = "w = imatrix" if weighted else "w = 1 (no imatrix)"
     term = "Σw(x−x̂)²/Σwx²" if objective == "relative" else "Σw(x−x̂)²"
-    scaled = " × stored group weight" if group_weights else ""
+    scaled = " × stored group weight and tuned factor" if group_weights else ""
     return f"sum over tensors of {term}{scaled}, {w}"
 
 

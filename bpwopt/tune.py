@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from bpwopt.errors import BpwoptError
 from bpwopt.evaluate import evaluate
-from bpwopt.objective import DEPTH_KEY
+from bpwopt.objective import DEPTH_KEY, default_objective
 from bpwopt.optimizer import OptimizeJob, optimize_file
 from bpwopt.state import StateFile, read_identity
 from bpwopt.targets import Target
@@ -114,8 +114,11 @@ def tune(
     model_path, state_path = solve.input_path, solve.state_path
     plan_job = replace(solve, output_path=None, target=budgets[0], record_plan=False, dry_run=False, progress=False)
     classes = tuned_classes(replace(plan_job, progress=solve.progress))  # may measure: show it
+    with StateFile.open(state_path, read_identity(state_path), create=False) as state:
+        calibrated = {} if solve.ignore_importance else state.values("weights")
+    plan_job = replace(plan_job, objective=solve.objective or default_objective(calibrated))
     untuned = {**{c: 1.0 for c in classes}, DEPTH_KEY: 0.0}
-    name = study_name(solve.objective, budgets, ctx, chunks, seed)
+    name = study_name(plan_job.objective, budgets, ctx, chunks, seed)
     study = _open_study(storage_path(state_path), name, seed)
     if not _has_trial(study, untuned):
         study.enqueue_trial(untuned)  # the reference every tuned trial is compared with

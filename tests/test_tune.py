@@ -104,3 +104,18 @@ def test_tune_without_a_budget_is_one_line_and_exit_1(demo_model_path, tmp_path,
     assert capsys.readouterr().err.strip() == (
         "bpwopt: error: give at least one budget to tune at: --target-bpw BPW... or --target-size SIZE..."
     )
+
+
+def test_without_an_objective_a_calibrated_state_is_solved_with_relative_error(solve):
+    def solved_objective(weights: dict[str, float], objective: str | None = None) -> str:
+        with StateFile.open(solve.state_path, read_identity(solve.state_path), create=False) as state:
+            state.set_values("weights", weights)
+        optimize_file(replace(solve, objective=objective))
+        with StateFile.open(solve.state_path, read_identity(solve.state_path), create=False) as state:
+            state.set_values("weights", {})
+            return state.plans()[-1][1].objective
+
+    assert solve.objective is None
+    assert solved_objective({"attn_v@0-9": 2.0}) == "relative"  # sensitivities are KLD per unit relative error
+    assert solved_objective({}) == "wsse"
+    assert solved_objective({"attn_v@0-9": 2.0}, "wsse") == "wsse"  # an explicit choice is kept
