@@ -14,7 +14,8 @@ Methods:
                calibration text) at held-out budgets: bpw midway between the two smallest and between
                the two largest presets, never one of the sizes in the table
 
-Rows are appended to --out as they are measured; a rerun skips rows already
+--model gemma3 does the same for Gemma-3-270M (its off-grid base from the
+shipped Q4_K_M). Rows are appended to --out as they are measured; a rerun skips rows already
 there, and the state (measurements, sensitivities, the optuna study) resumes.
 
     python benchmarks/quality.py --imatrix no --out benchmarks/quality-smollm2.md
@@ -28,7 +29,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from bpwopt.calibrate import DEFAULT_NOISE, calibrate
-from bpwopt.demo import smollm2_path
+from bpwopt.demo import gemma3_path, smollm2_path
 from bpwopt.evaluate import evaluate
 from bpwopt.optimizer import OptimizeJob, optimize_file
 from bpwopt.pipeline import QuantizeJob, quantize_file
@@ -38,7 +39,10 @@ from bpwopt.texts import evaluation_text
 from bpwopt.tune import tune
 
 REPO = Path(__file__).resolve().parent.parent
-IMATRIX = REPO / "data" / "smollm2-135m-offgrid-f16.imatrix.gguf"
+MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/make_imatrix.sh)
+    "smollm2": (smollm2_path, REPO / "data" / "smollm2-135m-offgrid-f16.imatrix.gguf"),
+    "gemma3": (gemma3_path, REPO / "data" / "gemma3-270m-offgrid-f16.imatrix.gguf"),
+}
 PRESETS = ["Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"]
 METHODS = ["wsse", "relative", "sensitivity", "tuned"]
 HEADER = (
@@ -49,6 +53,7 @@ HEADER = (
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     parser.add_argument("--imatrix", choices=["yes", "no"], default="yes")
@@ -67,17 +72,18 @@ def main() -> None:
     args = parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bpwopt-quality-"))
     work.mkdir(parents=True, exist_ok=True)
-    base = work / "smollm2-offgrid-f16.gguf"
+    source, imatrix_path = MODELS[args.model]
+    base = work / f"{args.model}-offgrid-f16.gguf"
     if not base.exists():
-        make_off_grid(smollm2_path(), base)
-    imatrix = IMATRIX if args.imatrix == "yes" else None
+        make_off_grid(source(), base)
+    imatrix = imatrix_path if args.imatrix == "yes" else None
     label = "imat" if imatrix else "plain"
     if not args.out.exists():
         args.out.write_text(HEADER)
     done = measured_rows(args.out)
     solve = OptimizeJob(
         input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,
-        state_path=work / f"smollm2-{label}.bpw_state", objective="relative", threads=args.threads, progress=False,
+        state_path=work / f"{args.model}-{label}.bpw_state", objective="relative", threads=args.threads, progress=False,
     )  # fmt: skip
     presets = {
         name: quantize_preset(base, name, imatrix, work / f"{name}-{label}-preset.gguf") for name in args.presets
