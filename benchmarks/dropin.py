@@ -10,8 +10,9 @@ starting Python and importing their package. The table gives the best of
 --repeats runs of each and the ratios bpwopt / llama.cpp (> 1: bpwopt slower
 or larger); "of which --dry-run" is the same bpwopt command with --dry-run
 (start, open the input, plan; no quantizing, no writing). It also times
-opening each input with the gguf package's reader, which bpwopt uses, in
-this process.
+opening each input in this process, with bpwopt's reader
+(`bpwopt.gguf_reader.LazyGGUFReader`) and with the gguf package's
+`GGUFReader` it replaced.
 
     python benchmarks/dropin.py [--models smollm2,gemma3] [--presets Q4_K_M,Q8_0] [--repeats 3] [--threads 2]
 """
@@ -34,6 +35,7 @@ import llama_cpp
 
 from bpwopt import __version__
 from bpwopt.demo import gemma3_path, smollm2_path
+from bpwopt.gguf_reader import LazyGGUFReader
 from bpwopt.presets import PRESETS_BY_NAME
 
 MODELS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
@@ -82,9 +84,9 @@ def best(measurements: list[Measurement]) -> Measurement:
     return Measurement(min(m.wall_seconds for m in measurements), min(m.peak_rss_bytes for m in measurements))
 
 
-def reader_seconds(path: Path) -> float:
+def reader_seconds(reader: type, path: Path) -> float:
     start = time.perf_counter()
-    gguf.GGUFReader(path)
+    reader(path)
     return time.perf_counter() - start
 
 
@@ -102,7 +104,7 @@ def main() -> None:
         scratch = Path(folder)
         for model in models:
             source = MODELS[model]()
-            readers[model] = reader_seconds(source)
+            readers[model] = reader_seconds(LazyGGUFReader, source), reader_seconds(gguf.GGUFReader, source)
             for preset in presets:
                 ours_path, theirs_path = scratch / "bpwopt.gguf", scratch / "llama.gguf"
                 timed(bpwopt_command(source, ours_path, preset, args.threads), scratch)  # warms the Numba cache
@@ -117,8 +119,8 @@ def main() -> None:
     load_after = os.getloadavg()[0]
     print(format_table(rows, args.threads))
     print()
-    opened = ", ".join(f"{MODEL_LABELS[m]} {s:.1f} s" for m, s in readers.items())
-    print(f"Opening the input with gguf.GGUFReader (which bpwopt uses), in this process: {opened}.")
+    opened = ", ".join(f"{MODEL_LABELS[m]} {ours:.3f} s ({theirs:.1f} s)" for m, (ours, theirs) in readers.items())
+    print(f"Opening the input with bpwopt's reader (gguf.GGUFReader's in brackets), in this process: {opened}.")
     print(
         f"Best of {args.repeats} runs each, interleaved, after one untimed bpwopt run per row (Numba cache warm); "
         f"{args.threads} threads for both. bpwopt {__version__}, llama-cpp-python {llama_cpp.__version__}, "

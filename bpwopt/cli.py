@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
 from bpwopt.calibrate import DEFAULT_CHUNKS, DEFAULT_NOISE, calibrate, format_report
+from bpwopt.config import config_argv
 from bpwopt.errors import BpwoptError
 from bpwopt.evaluate import evaluate, record_evaluation
 from bpwopt.inspector import format_summary, inspect_gguf, summary_as_dict
@@ -28,7 +29,8 @@ from bpwopt.pipeline import QuantizeJob, quantize_file
 from bpwopt.policy import QuantizeOptions, parse_tensor_type_option
 from bpwopt.presets import PRESETS_BY_NAME, format_presets_help, parse_ggml_type_name
 from bpwopt.quant_types import QUANT_TYPES
-from bpwopt.report import format_plan, report_as_dict
+from bpwopt.report import describe_written, format_plan, report_as_dict
+from bpwopt.splits import SPLIT_KEYS
 from bpwopt.targets import Target, parse_size
 from bpwopt.texts import evaluation_text
 from bpwopt.tune import DEFAULT_CHUNKS as TUNE_CHUNKS
@@ -36,6 +38,10 @@ from bpwopt.tune import DEFAULT_CTX as TUNE_CTX
 from bpwopt.tune import DEFAULT_TRIALS, tune
 from bpwopt.tune import format_report as format_tune_report
 
+OBJECTIVE_HELP = (
+    f"what the solver minimizes (default: relative once `bpwopt calibrate` stored group weights, else "
+    f"{DEFAULT_OBJECTIVE})"
+)
 SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
 _DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
 _TARGET_HELP = (
@@ -147,8 +153,8 @@ def parse_override_kv(text: str) -> tuple[str, tuple[GGUFValueType, object]]:
     kind, _, value = rest.partition(":")
     if not key or kind not in _OVERRIDE_TYPES:
         raise BpwoptError(f"--override-kv {text!r}: expected KEY=TYPE:VALUE with TYPE one of int, float, bool, str")
-    if key == "general.alignment":  # the layout follows the input's alignment; another value would mislabel it
-        raise BpwoptError(f"--override-kv {text!r}: general.alignment cannot be overridden")
+    if key == "general.alignment" or key in SPLIT_KEYS:  # the files' layout and naming; another value mislabels them
+        raise BpwoptError(f"--override-kv {text!r}: {key} cannot be overridden")
     value_type, convert = _OVERRIDE_TYPES[kind]
     try:
         return key, (value_type, convert(value))
@@ -171,6 +177,13 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bpwopt {__version__}")
     add = parser.add_argument
+    add(
+        "--config", metavar="FILE", type=Path,
+        help="options from a .toml, .yaml or .yml file: keys are the long option names below (- or _), plus "
+        "input, output, type for IN.gguf, OUT.gguf, TYPE; flags true/false, repeatable options a list. Options given "
+        "here win; a repeatable one given here (--tensor-type, --ignore, --override-kv, --include-weights, "
+        "--exclude-weights) replaces the file's list; IN [OUT] [TYPE] given here replace input, output and type",
+    )  # fmt: skip
     add("--allow-requantize", action="store_true", help="allow requantizing tensors that are already quantized")
     add("--leave-output-tensor", action="store_true", help="leave output.weight un(re)quantized")
     add("--pure", action="store_true", help="disable k-quant mixtures: all tensors to the same type")
@@ -182,7 +195,7 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--tensor-type", metavar="NAME=TYPE", action="append", default=[], help="type for matching tensors")
     add("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[], help="override metadata")
     add("--prune-layers", metavar="L0,L1,...", help="remove these layers; later ones are renumbered")
-    add("--keep-split", action="store_true", help="write shards like the input (not supported yet)")
+    add("--keep-split", action="store_true", help="write the output in the same shards as the input")
     add("--dry-run", action="store_true", help="print the sizes (with a target: the plan), write nothing")
     add("--quiet", action="store_true", help="no progress bar")
     add("--threads", type=int, metavar="N", help="threads for quantizing and measuring (default: all cores)")
@@ -194,15 +207,27 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--state-file", metavar="FILE", type=Path, help="load measurements from and save them to FILE")
     add("--candidates", metavar="T1,T2,...", help="candidate types (default: " + ",".join(_DEFAULT_NAMES) + ")")
     add("--ignore", metavar="REGEX", action="append", default=[], help="matching tensors keep their source type")
-    add("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE, help="what the solver minimizes")
+    add("--objective", choices=OBJECTIVES, help=OBJECTIVE_HELP)
     add("--ignore-tensor-importance", action="store_true", help="do not apply stored per-group weights")
     add("--precise", action="store_true", help="measure every row of every tensor (no sampling)")
     add("--sample-rows", type=int, default=Sampling.max_rows, metavar="N", help="rows measured per large tensor")
     add("--seed", type=int, default=0, help="seed of the row sample")
     add("--time-limit", type=float, default=10.0, metavar="S", help="seconds for the exact solver stage")
     add("--json", action="store_true", help="machine-readable summary on stdout")
-    parser.add_argument("positionals", nargs="+", metavar="IN.gguf [OUT.gguf] [TYPE] [THREADS]")
+    # "*", not "+": a --config file may hold them; parse_quantize_args requires them after merging it
+    parser.add_argument("positionals", nargs="*", metavar="IN.gguf [OUT.gguf] [TYPE] [THREADS]")
     return parser
+
+
+def parse_quantize_args(argv: list[str]) -> argparse.Namespace:
+    """The main command's arguments, a --config file's merged in under the command line's."""
+    parser = build_quantize_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        args = parser.parse_args(config_argv(parser, argv, args))
+    if not args.positionals:
+        parser.error("the following arguments are required: IN.gguf [OUT.gguf] [TYPE] [THREADS]")
+    return args
 
 
 @dataclass(frozen=True)
@@ -241,8 +266,6 @@ def parse_positionals(positionals: list[str], has_target: bool) -> Positionals:
 
 
 def _options_from_args(args: argparse.Namespace) -> QuantizeOptions:
-    if args.keep_split:
-        raise BpwoptError("--keep-split is not supported by bpwopt yet")
     if args.include_weights and args.exclude_weights:
         raise BpwoptError("--include-weights and --exclude-weights cannot be used together")
     return QuantizeOptions(
@@ -256,6 +279,7 @@ def _options_from_args(args: argparse.Namespace) -> QuantizeOptions:
         include_weights=tuple(args.include_weights),
         exclude_weights=tuple(args.exclude_weights),
         ignore=tuple(args.ignore),
+        keep_split=args.keep_split,
     )
 
 
@@ -356,7 +380,7 @@ def _quantize(args: argparse.Namespace) -> None:
         file=log,
     )
     if report.output_path is not None:
-        print(f"bpwopt: wrote {report.output_path} ({report.file_bytes:,} bytes)", file=log)
+        print(f"bpwopt: wrote {describe_written(report.output_path, report.shards, report.file_bytes)}", file=log)
 
 
 def _optimize(job: OptimizeJob, as_json: bool) -> None:
@@ -458,7 +482,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--target-size", nargs="+", metavar="SIZE", help="budgets to tune at, as file sizes")
     tuning.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
                         help=f"completed trials the study should reach ({DEFAULT_TRIALS})")  # fmt: skip
-    tuning.add_argument("--objective", choices=OBJECTIVES, default=DEFAULT_OBJECTIVE, help="the objective tuned")
+    tuning.add_argument("--objective", choices=OBJECTIVES, help=OBJECTIVE_HELP)
     tuning.add_argument("--ctx", type=int, default=TUNE_CTX, help=f"window length in tokens ({TUNE_CTX})")
     tuning.add_argument("--chunks", type=int, default=TUNE_CHUNKS, help=f"windows per evaluation ({TUNE_CHUNKS})")
     tuning.add_argument("--seed", type=int, default=0, help="optuna sampler seed")
@@ -475,12 +499,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in SUBCOMMANDS:
-        args = build_parser().parse_args(argv)
-    else:
-        args = build_quantize_parser().parse_args(argv)
-        args.run = _quantize
     try:
+        if argv and argv[0] in SUBCOMMANDS:
+            args = build_parser().parse_args(argv)
+        else:
+            args = parse_quantize_args(argv)  # a bad --config file is a BpwoptError, caught below
+            args.run = _quantize
         args.run(args)
     except BpwoptError as error:
         print(f"bpwopt: error: {error}", file=sys.stderr)

@@ -7,6 +7,7 @@ peak memory stays near one slab, not the model. Everything goes to
 complete; on any failure the temporary file is removed and OUT is untouched.
 OUT.tmp is locked while written: a second writer of the same OUT is refused,
 and a temporary left behind by a killed run is taken over by the next one.
+The shards of a split model are written as one unit (`write_gguf_files`).
 Metadata entries copied from the input keep their exact bytes.
 """
 
@@ -16,7 +17,7 @@ import contextlib
 import fcntl
 import os
 import struct
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,6 +102,19 @@ def temporary_path(path: Path) -> Path:
     return path.with_name(path.name + ".tmp")
 
 
+@dataclass(frozen=True)
+class GGUFLayout:
+    """One output file as known before any tensor is produced: metadata entries, tensor slots, alignment."""
+
+    kv_entries: list[bytes]
+    slots: list[TensorSlot]
+    alignment: int = DEFAULT_ALIGNMENT
+
+    @property
+    def file_bytes(self) -> int:
+        return file_size(self.kv_entries, self.slots, self.alignment)
+
+
 def write_gguf(
     path: str | Path,
     kv_entries: list[bytes],
@@ -114,36 +128,93 @@ def write_gguf(
     A tensor whose pieces do not add up to its slot's size is an error (the
     file would not load), raised before the output is renamed into place.
     """
-    path = Path(path)
+    layout = GGUFLayout(kv_entries, slots, alignment)
+    return write_gguf_files([Path(path)], [layout], lambda _, index: produce(index), on_tensor_done)
+
+
+def write_gguf_files(
+    paths: Sequence[Path],
+    layouts: Sequence[GGUFLayout],
+    produce: Callable[[int, int], Iterable[bytes | np.ndarray]],
+    on_tensor_done: Callable[[TensorSlot], None] | None = None,
+) -> int:
+    """Write layouts[f] to paths[f] as one unit, the first file being the one a reader opens; returns total bytes.
+
+    produce(f, i) yields the data of layouts[f].slots[i]. Every file goes to
+    its own locked PATH.tmp and none is renamed before all are complete. With
+    several files (a split model's shards) the old first file is then
+    removed, the others renamed into place, and the first renamed last: a run
+    killed in between leaves later shards without a first one, which neither
+    llama.cpp nor bpwopt can open (both open a split model by its first
+    shard), never a first shard next to shards of another run. Re-running
+    the command completes the set.
+    """
+    for path in paths:
+        _check_output_path(path)
+    temporaries = [temporary_path(path) for path in paths]
+    handles: list = []  # open (and so locked) temporaries, in order; closing one releases its lock
+    current = paths[0]
+    try:
+        for path, temporary in zip(paths, temporaries, strict=True):
+            current = path
+            handles.append(os.fdopen(_locked_temporary(temporary, path), "wb"))
+        total = 0
+        for index, (path, layout, handle) in enumerate(zip(paths, layouts, handles, strict=True)):
+            current = path
+            total += _write_file(handle, layout, lambda slot, file=index: produce(file, slot), on_tensor_done)
+        _rename_into_place(temporaries, list(paths))  # under the locks: no other writer can be taking these over
+    except BaseException as error:
+        for temporary in temporaries[: len(handles)]:
+            _discard(temporary)  # before the locks go: what is removed is ours
+        for handle in handles:
+            with contextlib.suppress(OSError):  # a full disk fails the flush at close again
+                handle.close()
+        if isinstance(error, OSError):
+            raise BpwoptError(f"cannot write {current}: {error.strerror or error}") from error
+        raise
+    for handle in handles:
+        handle.close()
+    for directory in dict.fromkeys(path.parent for path in paths):
+        fsync_path(directory)
+    return total
+
+
+def _check_output_path(path: Path) -> None:
     if path.is_dir() or not path.name:  # `.`, `..`, `/`: there is no file name to write to
         raise BpwoptError(f"{path}: is a directory, not an output file")
     if not path.parent.is_dir():
         raise BpwoptError(f"{path.parent}: output directory does not exist")
-    temporary = temporary_path(path)
-    handle = os.fdopen(_locked_temporary(temporary, path), "wb")  # closing it releases the lock
-    try:
-        handle.write(_header(kv_entries, slots, alignment))
-        for index, slot in enumerate(slots):
-            written = sum(_write_piece(handle, piece) for piece in produce(index))
-            if written != slot.nbytes:
-                raise BpwoptError(f"internal error: {slot.name} produced {written} bytes, expected {slot.nbytes}")
-            handle.write(bytes(_padding(written, alignment)))
-            if on_tensor_done:
-                on_tensor_done(slot)
-        handle.flush()
-        os.fsync(handle.fileno())
-        size = handle.tell()
-        os.replace(temporary, path)  # under the lock: no other writer can be taking this file over
-    except BaseException as error:
-        _discard(temporary)  # before the lock goes: what is removed is ours
-        with contextlib.suppress(OSError):  # a full disk fails the flush at close again
-            handle.close()
-        if isinstance(error, OSError):
-            raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from error
-        raise
-    handle.close()
-    fsync_path(path.parent)
-    return size
+
+
+def _write_file(
+    handle,
+    layout: GGUFLayout,
+    produce: Callable[[int], Iterable[bytes | np.ndarray]],
+    on_tensor_done: Callable[[TensorSlot], None] | None,
+) -> int:
+    """Header, then every tensor padded to the alignment, then fsync; returns the file's bytes."""
+    handle.write(_header(layout.kv_entries, layout.slots, layout.alignment))
+    for index, slot in enumerate(layout.slots):
+        written = sum(_write_piece(handle, piece) for piece in produce(index))
+        if written != slot.nbytes:
+            raise BpwoptError(f"internal error: {slot.name} produced {written} bytes, expected {slot.nbytes}")
+        handle.write(bytes(_padding(written, layout.alignment)))
+        if on_tensor_done:
+            on_tensor_done(slot)
+    handle.flush()
+    os.fsync(handle.fileno())
+    return handle.tell()
+
+
+def _rename_into_place(temporaries: list[Path], paths: list[Path]) -> None:
+    """Publish complete temporaries; with several files the first appears only once all others have."""
+    if len(paths) > 1:
+        _discard(paths[0])
+        for temporary, path in zip(temporaries[1:], paths[1:], strict=True):
+            os.replace(temporary, path)
+        for directory in dict.fromkeys(path.parent for path in paths):
+            fsync_path(directory)  # the later shards are durable before the first one exists
+    os.replace(temporaries[0], paths[0])
 
 
 def _locked_temporary(temporary: Path, path: Path) -> int:

@@ -17,7 +17,7 @@ import gguf
 import numpy as np
 
 from bpwopt.errors import BpwoptError
-from bpwopt.inspector import check_gguf_layout
+from bpwopt.gguf_reader import LazyGGUFReader
 from bpwopt.state import file_sha256
 
 _SUM_SUFFIX = ".in_sum2"
@@ -151,8 +151,7 @@ def load_imatrix(path: str | Path) -> Imatrix:
         is_gguf = handle.read(4) == b"GGUF"
     if is_gguf:
         try:
-            check_gguf_layout(path)  # counts and offsets checked before gguf's reader trusts them
-            reader = gguf.GGUFReader(path)
+            reader = LazyGGUFReader(path)
         except (ValueError, KeyError, IndexError, OSError, OverflowError, TypeError) as error:
             raise BpwoptError(f"{path}: not a valid GGUF imatrix ({error})") from error
         imatrix = _load_gguf_imatrix(path, reader)

@@ -6,7 +6,10 @@ the same kernels measurement uses, with the imatrix of that tensor (one per
 expert for 3-D MoE tensors), exactly as llama-quantize does. Metadata is
 copied as llama-quantize copies it: split keys dropped, then
 general.quantization_version, general.file_type, the overrides, and the
-quantize.imatrix.* keys appended, plus bpwopt.* provenance keys.
+quantize.imatrix.* keys appended, plus bpwopt.* provenance keys. With
+--keep-split each tensor goes to the shard its source came from, as
+llama_model_quantize does: the first shard carries the metadata, every
+shard the split.* keys, and all are published together (`write_gguf_files`).
 """
 
 from __future__ import annotations
@@ -22,13 +25,13 @@ from tqdm import tqdm
 
 from bpwopt import codec
 from bpwopt.errors import BpwoptError
-from bpwopt.gguf_writer import DEFAULT_ALIGNMENT, TensorSlot, copied_kv, encode_kv, file_size, write_gguf
+from bpwopt.gguf_writer import DEFAULT_ALIGNMENT, GGUFLayout, TensorSlot, copied_kv, encode_kv, write_gguf_files
 from bpwopt.imatrix import Imatrix
 from bpwopt.quant_types import QUANT_TYPES
+from bpwopt.splits import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, ModelFiles, split_path
 
 GGML_QNT_VERSION = 2
 SLAB_BYTES = 64 << 20  # working memory per slab of rows (source + float32 + output)
-_SPLIT_KEYS = {"split.no", "split.count", "split.tensors.count"}
 
 KeyValue = tuple[GGUFValueType, object]
 
@@ -37,9 +40,11 @@ KeyValue = tuple[GGUFValueType, object]
 class WriteRequest:
     """Everything the write stage needs; target_types maps tensor name -> output type, in output order."""
 
-    reader: gguf.GGUFReader
+    reader: ModelFiles
     target_types: dict[str, GGMLQuantizationType]
     file_type: int
+    # --keep-split: written name -> output shard (from 0); None: one file
+    shard_of: dict[str, int] | None = None
     # written name -> source name where they differ (--prune-layers renumbers later blocks)
     source_names: dict[str, str] = field(default_factory=dict)
     imatrix: Imatrix | None = None
@@ -113,9 +118,10 @@ def _converted_pieces(
                 raise BpwoptError(f"{tensor.name}: cannot quantize to {target_type.name}: {error}") from error
 
 
-def _kv_entries(request: WriteRequest) -> list[bytes]:
+def _kv_entries(request: WriteRequest, split_entries: list[bytes]) -> list[bytes]:
+    """The first (or only) file's metadata, in llama-quantize's order; the split keys go after the overrides."""
     replaced = {"general.quantization_version", "general.file_type"} | set(request.overrides)
-    replaced |= set(request.provenance) | _SPLIT_KEYS
+    replaced |= set(request.provenance) | SPLIT_KEYS
     entries = [
         copied_kv(field)
         for name, field in request.reader.fields.items()
@@ -123,51 +129,102 @@ def _kv_entries(request: WriteRequest) -> list[bytes]:
     ]
     entries.append(encode_kv("general.quantization_version", GGUFValueType.UINT32, GGML_QNT_VERSION))
     entries.append(encode_kv("general.file_type", GGUFValueType.UINT32, request.file_type))
-    for key, (value_type, value) in (request.overrides | request.provenance).items():
-        entries.append(encode_kv(key, value_type, value))
+    overrides = {key: value for key, value in request.overrides.items() if key not in request.provenance}
+    entries += [encode_kv(key, value_type, value) for key, (value_type, value) in overrides.items()]
+    entries += split_entries
+    entries += [encode_kv(key, value_type, value) for key, (value_type, value) in request.provenance.items()]
     return entries
 
 
-def output_alignment(reader: gguf.GGUFReader) -> int:
+def _split_entries(shard: int, shard_count: int, tensor_count: int) -> list[bytes]:
+    """The split.* keys of one shard, with llama.cpp's types; none for a model of one file."""
+    if shard_count == 1:
+        return []
+    return [
+        encode_kv(SPLIT_NO, GGUFValueType.UINT16, shard),
+        encode_kv(SPLIT_COUNT, GGUFValueType.UINT16, shard_count),
+        encode_kv(SPLIT_TENSORS_COUNT, GGUFValueType.INT32, tensor_count),
+    ]
+
+
+def output_alignment(reader: gguf.GGUFReader | ModelFiles) -> int:
     """The data alignment the output keeps from the input (general.alignment, else GGUF's 32)."""
     field = reader.fields.get("general.alignment")
     return int(field.contents()) if field is not None else DEFAULT_ALIGNMENT
 
 
-def _slots(request: WriteRequest, tensors: list[gguf.ReaderTensor]) -> list[TensorSlot]:
-    return [
-        TensorSlot(
-            name=name,
-            shape=tuple(int(n) for n in tensor.shape),
-            ggml_type=target_type,
-            nbytes=tensor_rows(tensor).shape[0] * output_row_bytes(target_type, int(tensor.shape[0])),
-        )
-        for tensor, (name, target_type) in zip(tensors, request.target_types.items(), strict=True)
-    ]
+def _shard_names(request: WriteRequest) -> list[list[str]]:
+    """Written names per output file, in output order."""
+    if request.shard_of is None:
+        return [list(request.target_types)]
+    count = max(request.shard_of[name] for name in request.target_types) + 1
+    shards: list[list[str]] = [[] for _ in range(count)]
+    for name in request.target_types:
+        shards[request.shard_of[name]].append(name)
+    empty = next((index for index, names in enumerate(shards) if not names), None)
+    if empty is not None:  # llama.cpp assumes the shard numbers stay contiguous and crashes
+        raise BpwoptError(f"--keep-split: shard {empty + 1} of {count} would hold no tensors once pruned")
+    return shards
 
 
-def _tensors(request: WriteRequest) -> list[gguf.ReaderTensor]:
-    """The source tensor of every written one (the imatrix keeps the source names, as in llama.cpp)."""
+def _sources(request: WriteRequest) -> dict[str, gguf.ReaderTensor]:
+    """Written name -> source tensor (the imatrix keeps the source names, as in llama.cpp)."""
     by_name = {tensor.name: tensor for tensor in request.reader.tensors}
-    return [by_name[request.source_names.get(name, name)] for name in request.target_types]
+    return {name: by_name[request.source_names.get(name, name)] for name in request.target_types}
+
+
+def _slot(name: str, source: gguf.ReaderTensor, target_type: GGMLQuantizationType) -> TensorSlot:
+    n_per_row = int(source.shape[0])
+    nbytes = tensor_rows(source).shape[0] * output_row_bytes(target_type, n_per_row)
+    return TensorSlot(name, tuple(int(n) for n in source.shape), target_type, nbytes)
+
+
+def _layouts(request: WriteRequest) -> list[GGUFLayout]:
+    """Every output file: the first with the metadata and the input's alignment, later shards with
+    only their split keys and so GGUF's default alignment."""
+    sources, shards = _sources(request), _shard_names(request)
+    layouts = []
+    for index, names in enumerate(shards):
+        split_entries = _split_entries(index, len(shards), len(request.target_types))
+        slots = [_slot(name, sources[name], request.target_types[name]) for name in names]
+        if index == 0:
+            layouts.append(GGUFLayout(_kv_entries(request, split_entries), slots, output_alignment(request.reader)))
+        else:
+            layouts.append(GGUFLayout(split_entries, slots, DEFAULT_ALIGNMENT))
+    return layouts
+
+
+def output_paths(request: WriteRequest, path: str | Path) -> list[Path]:
+    """The files write_model writes for path: path itself, or with --keep-split PATH-00001-of-0000N.gguf …"""
+    if request.shard_of is None:
+        return [Path(path)]
+    count = len(_shard_names(request))
+    return [split_path(path, index, count) for index in range(count)]
 
 
 def planned_file_bytes(request: WriteRequest) -> int:
-    """The size write_model will give this file (header, metadata and padding included)."""
-    return file_size(_kv_entries(request), _slots(request, _tensors(request)), output_alignment(request.reader))
+    """The bytes write_model will write for this request, every shard's header, metadata and padding included."""
+    return sum(layout.file_bytes for layout in _layouts(request))
+
+
+def tensor_alignments(request: WriteRequest) -> dict[str, int]:
+    """Written name -> data alignment of the file the tensor is written to (its padding in that file)."""
+    return {slot.name: layout.alignment for layout in _layouts(request) for slot in layout.slots}
 
 
 def write_model(request: WriteRequest, path: str | Path) -> int:
-    """Quantize and write every tensor of request.target_types to path, atomically. Returns file bytes."""
-    tensors = _tensors(request)
-    slots = _slots(request, tensors)
-    total_bytes = sum(slot.nbytes for slot in slots)
+    """Quantize and write every tensor of request.target_types to path (or its shards), atomically.
+
+    Returns the bytes of all files written.
+    """
+    sources, layouts = _sources(request), _layouts(request)
+    total_bytes = sum(slot.nbytes for layout in layouts for slot in layout.slots)
+
+    def produce(file: int, index: int) -> Iterator[np.ndarray]:
+        slot = layouts[file].slots[index]
+        return _converted_pieces(sources[slot.name], slot.ggml_type, request.imatrix)
+
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not request.progress) as bar:
-        return write_gguf(
-            path,
-            _kv_entries(request),
-            slots,
-            lambda index: _converted_pieces(tensors[index], slots[index].ggml_type, request.imatrix),
-            alignment=output_alignment(request.reader),
-            on_tensor_done=lambda slot: bar.update(slot.nbytes),
+        return write_gguf_files(
+            output_paths(request, path), layouts, produce, on_tensor_done=lambda slot: bar.update(slot.nbytes)
         )

@@ -25,13 +25,14 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from bpwopt.errors import BpwoptError
 from bpwopt.gguf_writer import padded_size
 from bpwopt.measure import DEFAULT_CANDIDATES, MeasureTask, Sampling, candidate_types, measure_tensors
-from bpwopt.model_writer import KeyValue, output_alignment, planned_file_bytes, write_model
+from bpwopt.model_writer import KeyValue, WriteRequest, planned_file_bytes, tensor_alignments, write_model
 from bpwopt.objective import default_objective, option_errors, tensor_weights
 from bpwopt.pipeline import (
     SourceModel,
-    check_output_path,
+    check_output_paths,
     default_output_path,
     open_source,
+    output_base,
     tensor_output_bytes,
     write_request,
 )
@@ -109,7 +110,7 @@ class OptimizeReport:
     tensors: tuple[ChosenTensor, ...]
     elements: int
     data_bytes: int  # tensor data, as llama.cpp's size line counts it
-    file_bytes: int  # the whole file, predicted before writing and equal to what was written
+    file_bytes: int  # the whole file (all shards), predicted before writing and equal to what was written
     predicted_error: float
     gap: float  # the solver's remaining relative optimality gap
     solve_seconds: float
@@ -119,6 +120,7 @@ class OptimizeReport:
     comparisons: tuple[PresetComparison, ...]
     state_path: Path | None
     written: bool
+    shards: int  # files written: 1, the --keep-split shards (output_path is the first), or 0 for a dry run
 
     @property
     def bits_per_weight(self) -> float:
@@ -159,13 +161,15 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     if job.type_text:
         types_of = _with_recipe_types(types_of, varied)
     output_path = job.output_path or default_output_path(job.input_path, job.target.file_label())
+    output_path = output_base(output_path, job.options)
     identity = _identity(source, job)
     with _open_state(job, identity) as state:
         measured, reused = _measure(source, state, varied, types_of, job)
         job = replace(job, objective=job.objective or default_objective(_stored_weights(state, job)))
-        problem = _problem(source, base, varied, types_of, state, job)
+        template = write_request(source, base.types(), 0, job.overrides, _provenance_template(job))
+        problem = _problem(source, base, varied, types_of, state, job, tensor_alignments(template))
         reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
-        header = _header_bytes(source, base, job) if job.target.counts_whole_file else 0
+        header = _header_bytes(source, base, template) if job.target.counts_whole_file else 0
         budget = _budget(job.target, problem, header, reachable)
         solution = solve(problem.options, budget, time_limit=job.time_limit)
         types = problem.types(solution.choice)
@@ -179,8 +183,8 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         if job.target.file_bytes is not None and file_bytes > job.target.file_bytes:
             raise BpwoptError(f"internal error: plan of {file_bytes} bytes exceeds the target {job.target.file_bytes}")
         comparisons = _comparisons(source, problem, job, recipe.preset, _choice_cost(problem, solution.choice))
-        if not job.dry_run:
-            check_output_path(job.input_path, output_path)
+        written_paths = [] if job.dry_run else check_output_paths(source, request, output_path)
+        if written_paths:
             written = write_model(request, output_path)
             if written != file_bytes:
                 raise BpwoptError(f"internal error: wrote {written} bytes, predicted {file_bytes}")
@@ -199,7 +203,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
             )
         state_path = state.path if (job.save_state or job.state_path) else None
     return OptimizeReport(
-        output_path=None if job.dry_run else output_path,
+        output_path=written_paths[0] if written_paths else None,
         target=job.target,
         tensors=tensors,
         elements=elements,
@@ -214,6 +218,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         comparisons=comparisons,
         state_path=state_path,
         written=not job.dry_run,
+        shards=len(written_paths),
     )
 
 
@@ -238,7 +243,7 @@ def _identity(source: SourceModel, job: OptimizeJob) -> StateIdentity:
     name_field = source.reader.fields.get("general.name")
     model_name = str(name_field.contents()) if name_field is not None else source.path.stem
     return StateIdentity(
-        model_sha256=_model_sha256(source.path),
+        model_sha256=_model_sha256(source.reader.paths),
         model_name=model_name,
         imatrix_sha256=source.imatrix.sha256 if source.imatrix is not None else None,
         candidates=tuple(t.name for t in job.candidates),
@@ -246,9 +251,13 @@ def _identity(source: SourceModel, job: OptimizeJob) -> StateIdentity:
     )
 
 
-def _model_sha256(path: Path) -> str:
-    status = path.stat()
-    return _sha256_unchanged(path.resolve(), status.st_ino, status.st_size, status.st_mtime_ns)
+def _model_sha256(paths: Sequence[Path]) -> str:
+    """The file's hash; a split model's is the hash of its shards' hashes, in order."""
+    hashes = []
+    for path in paths:
+        status = path.stat()
+        hashes.append(_sha256_unchanged(path.resolve(), status.st_ino, status.st_size, status.st_mtime_ns))
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 
 @functools.lru_cache(maxsize=4)
@@ -308,13 +317,14 @@ def _problem(
     types_of: dict[str, tuple],
     state: StateFile,
     job: OptimizeJob,
+    alignment_of: dict[str, int],
 ) -> Problem:
+    """alignment_of: written name -> data alignment of the file the tensor lands in (tensor_alignments)."""
     measurements = state.measurements()
     records: dict[str, TensorRecord] = state.tensors()
     tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
     weight_of = tensor_weights(records, _stored_weights(state, job), tuning)
     by_name = source.tensors_by_name
-    alignment = output_alignment(source.reader)
     options = []
     for plan in varied:
         rows = [measurements[(plan.source_name, t.name)] for t in types_of[plan.source_name]]
@@ -323,13 +333,15 @@ def _problem(
             TensorOptions(
                 name=plan.name,
                 labels=tuple(m.qtype for m in rows),
-                nbytes=np.array([_cost(job, m.nbytes, alignment) for m in rows], dtype=np.int64),
+                nbytes=np.array([_cost(job, m.nbytes, alignment_of[plan.name]) for m in rows], dtype=np.int64),
                 error=option_errors(job.objective, rows, record, weight_of[plan.source_name]),
             )
         )
     varied_names = {t.name for t in varied}
     fixed = [t for t in base.tensors if t.name not in varied_names]
-    fixed_cost = sum(_cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment) for t in fixed)
+    fixed_cost = sum(
+        _cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment_of[t.name]) for t in fixed
+    )
     elements = sum(int(by_name[t.source_name].n_elements) for t in base.tensors)
     return Problem(base, tuple(varied), tuple(options), fixed_cost, elements)
 
@@ -339,13 +351,17 @@ def _stored_weights(state: StateFile, job: OptimizeJob) -> dict[str, float]:
     return {} if job.ignore_importance else state.values("weights")
 
 
-def _header_bytes(source: SourceModel, base: TypePlan, job: OptimizeJob) -> int:
-    """Header and metadata bytes: the file size minus the padded tensor data (independent of the types)."""
-    request = write_request(source, base.types(), 0, job.overrides, _provenance_template(job))
-    alignment = output_alignment(source.reader)
-    by_name = source.tensors_by_name
-    data = sum(padded_size(tensor_output_bytes(by_name[t.source_name], t.target_type), alignment) for t in base.tensors)
-    return planned_file_bytes(request) - data
+def _header_bytes(source: SourceModel, base: TypePlan, template: WriteRequest) -> int:
+    """Header and metadata bytes of every file: their size minus the padded tensor data (independent of the types).
+
+    template: the write request of the base plan, with provenance keys of their final encoded size.
+    """
+    alignment_of, by_name = tensor_alignments(template), source.tensors_by_name
+    data = sum(
+        padded_size(tensor_output_bytes(by_name[t.source_name], t.target_type), alignment_of[t.name])
+        for t in base.tensors
+    )
+    return planned_file_bytes(template) - data
 
 
 def useful_range(options: Sequence[TensorOptions]) -> tuple[int, int]:

@@ -3,6 +3,8 @@
 `quantize_file` is what the command line calls for `bpwopt IN [OUT] TYPE`;
 it is plain data in (a QuantizeJob) and plain data out (a QuantizeReport).
 The optimizer (`bpwopt.optimizer`) uses the same steps with its own types.
+A split input is opened whole from its first shard (`bpwopt.splits`), so
+these steps see one model; only --keep-split asks which shard a tensor is in.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from bpwopt import __version__
 from bpwopt.clip_policy import CLIP_ARCHITECTURE, plan_clip_types
 from bpwopt.errors import BpwoptError
 from bpwopt.imatrix import Imatrix, check_imatrix_fits, load_imatrix
-from bpwopt.inspector import open_gguf
-from bpwopt.model_writer import KeyValue, WriteRequest, output_row_bytes, write_model
+from bpwopt.model_writer import KeyValue, WriteRequest, output_paths, output_row_bytes, write_model
 from bpwopt.policy import (
     ModelInfo,
     QuantizeOptions,
@@ -32,6 +33,7 @@ from bpwopt.policy import (
     renumber_layers,
 )
 from bpwopt.presets import TypeChoice, parse_type_argument
+from bpwopt.splits import ModelFiles, keep_split_prefix, open_model
 
 _IMATRIX_TEXT_LIMIT = 127  # llama-quantize truncates these strings to its 128-byte override buffer
 
@@ -53,13 +55,14 @@ class QuantizeJob:
 
 @dataclass(frozen=True)
 class QuantizeReport:
-    output_path: Path | None
+    output_path: Path | None  # the file to load: the only one, or with --keep-split the first shard
     type_reading: str  # which reading of TYPE was used, for the log
     plan: TypePlan
     input_bytes: int
     output_data_bytes: int  # tensor data only, as llama.cpp's size line counts it
-    file_bytes: int | None  # the whole written file; None for a dry run
+    file_bytes: int | None  # the whole written file (all shards); None for a dry run
     elements: int
+    shards: int  # files written: 1, the --keep-split shards, or 0 for a dry run
 
     @property
     def bits_per_weight(self) -> float:
@@ -68,10 +71,10 @@ class QuantizeReport:
 
 @dataclass(frozen=True)
 class SourceModel:
-    """An input GGUF opened for quantizing: the memory-mapped reader, model facts, tensors and imatrix."""
+    """An input GGUF opened for quantizing: the memory-mapped readers, model facts, tensors and imatrix."""
 
-    path: Path
-    reader: gguf.GGUFReader
+    path: Path  # as given: the only file, or the first shard
+    reader: ModelFiles  # every shard's reader, read as one
     model: ModelInfo
     specs: list[TensorSpec]
     imatrix: Imatrix | None  # after --include-weights / --exclude-weights
@@ -101,7 +104,7 @@ class SourceModel:
 
 def open_source(input_path: Path, imatrix_path: Path | None, options: QuantizeOptions) -> SourceModel:
     """Open the input and its imatrix; refuses what llama-quantize refuses before planning."""
-    reader = open_gguf(input_path)
+    reader = open_model(input_path)
     model = read_model_info(reader)
     specs = read_tensor_specs(reader)
     if not specs:
@@ -138,9 +141,18 @@ def default_output_path(input_path: Path, type_name: str) -> Path:
     return input_path.parent / f"ggml-model-{type_name}.gguf"
 
 
-def check_output_path(input_path: Path, output_path: Path) -> None:
-    if output_path.exists() and os.path.samefile(output_path, input_path):
-        raise BpwoptError(f"input and output files are the same: {output_path}")
+def output_base(output_path: Path, options: QuantizeOptions) -> Path:
+    """The path write_model takes: OUT itself, or with --keep-split the shards' prefix llama-quantize makes of it."""
+    return keep_split_prefix(output_path) if options.keep_split else output_path
+
+
+def check_output_paths(source: SourceModel, request: WriteRequest, output_path: Path) -> list[Path]:
+    """The files the request writes, refused when one of them is a file of the input."""
+    paths = output_paths(request, output_path)
+    for path in paths:
+        if path.exists() and any(os.path.samefile(path, shard) for shard in source.reader.paths):
+            raise BpwoptError(f"input and output files are the same: {path}")
+    return paths
 
 
 def plan_data_bytes(source: SourceModel, types: dict[str, GGMLQuantizationType]) -> tuple[int, int]:
@@ -174,11 +186,14 @@ def write_request(
         block_count_key = gguf.Keys.LLM.BLOCK_COUNT.format(arch=source.model.architecture)
         overrides.pop(block_count_key, None)
         overrides[block_count_key] = (GGUFValueType.UINT32, source.pruned_block_count)
+    shard_of = source.reader.shard_of
+    source_names = source.source_names
     return WriteRequest(
         reader=source.reader,
         target_types=types,
+        shard_of={name: shard_of[source_names[name]] for name in types} if source.options.keep_split else None,
         file_type=file_type if file_type is not None else _input_file_type(source.reader),
-        source_names={new: old for new, old in source.source_names.items() if new != old},
+        source_names={new: old for new, old in source_names.items() if new != old},
         imatrix=source.imatrix,
         overrides=overrides,
         provenance={"bpwopt.version": (GGUFValueType.STRING, __version__), **provenance},
@@ -202,28 +217,28 @@ def quantize_file(job: QuantizeJob) -> QuantizeReport:
     """Quantize job.input_path with llama.cpp's policy for the preset in job.type_text."""
     source = open_source(job.input_path, job.imatrix_path, job.options)
     choice, plan = plan_preset(source, job.type_text)
-    output_path = job.output_path or default_output_path(job.input_path, choice.preset.name)
-    if not job.dry_run:
-        check_output_path(job.input_path, output_path)
+    output_path = output_base(job.output_path or default_output_path(job.input_path, choice.preset.name), job.options)
     types = plan.types()
     elements, data_bytes = plan_data_bytes(source, types)
-    file_bytes = None
+    recipe = {"bpwopt.recipe": (GGUFValueType.STRING, choice.preset.name)}
+    request = write_request(source, types, plan.file_type, job.overrides, recipe, job.progress)
+    written, file_bytes = [], None
     if not job.dry_run:
-        recipe = {"bpwopt.recipe": (GGUFValueType.STRING, choice.preset.name)}
-        request = write_request(source, types, plan.file_type, job.overrides, recipe, job.progress)
+        written = check_output_paths(source, request, output_path)
         file_bytes = write_model(request, output_path)
     return QuantizeReport(
-        output_path=None if job.dry_run else output_path,
+        output_path=written[0] if written else None,
         type_reading=choice.describe(),
         plan=plan,
         input_bytes=source.input_bytes,
         output_data_bytes=data_bytes,
         file_bytes=file_bytes,
         elements=elements,
+        shards=len(written),
     )
 
 
-def _input_file_type(reader: gguf.GGUFReader) -> int:
+def _input_file_type(reader: ModelFiles) -> int:
     """COPY keeps the input's general.file_type (llama-quantize's only_copy)."""
     field = reader.fields.get("general.file_type")
     return int(field.contents()) if field is not None else 0

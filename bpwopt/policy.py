@@ -311,7 +311,7 @@ class TensorSpec:
 
 
 def read_tensor_specs(reader: gguf.GGUFReader) -> list[TensorSpec]:
-    """Every tensor of an open GGUF, in file order."""
+    """Every tensor of an open GGUF, in file order (shard by shard for a split model)."""
     return [
         TensorSpec(t.name, tuple(int(size) for size in t.shape), GGMLQuantizationType(t.tensor_type))
         for t in reader.tensors
@@ -339,6 +339,9 @@ class QuantizeOptions:
     include_weights: tuple[str, ...] = ()  # --include-weights: use imatrix only for names containing these
     exclude_weights: tuple[str, ...] = ()  # --exclude-weights: never for names containing these
     ignore: tuple[str, ...] = ()  # --ignore REGEX (bpwopt's own): matching tensors keep their source type
+    # --keep-split: tensors planned and written shard by shard in file order, not in name order; the
+    # running layer counts follow that order, so types can differ (llama.cpp sorts by shard and offset)
+    keep_split: bool = False
 
 
 def parse_tensor_type_option(text: str) -> tuple[str, GGMLQuantizationType]:
@@ -804,7 +807,8 @@ class TypePlan:
     """Target types for a whole model, in the order llama.cpp writes the tensors."""
 
     preset: Preset
-    tensors: tuple[TensorPlan, ...]  # non-layer tensors first, then by layer number, then by name
+    # non-layer tensors first, then by layer number, then by name; with keep_split in the input's order
+    tensors: tuple[TensorPlan, ...]
     pruned: tuple[str, ...]  # source names removed by --prune-layers
     block_count: int | None  # new {arch}.block_count after pruning; None: unchanged
     file_type: int | None  # general.file_type to write; None: keep the input's (COPY)
@@ -972,6 +976,8 @@ def plan_types(
 ) -> TypePlan:
     """The type llama-quantize would give every tensor for this preset and these options.
 
+    tensors come in file order (a split model's shard by shard): the order
+    options.keep_split plans and writes them in.
     With check_writable, raises BpwoptError where llama.cpp refuses to write the
     result: an already quantized tensor would be requantized without
     allow_requantize, or a type that needs an imatrix has none.
@@ -1004,7 +1010,8 @@ def plan_types(
             }
         ),
     )
-    planned = tuple(_plan_tensor(run, specs[source], name, imatrix_kept) for source, name in written.items())
+    order = [source for source in specs if source in written] if options.keep_split else list(written)
+    planned = tuple(_plan_tensor(run, specs[source], written[source], imatrix_kept) for source in order)
     plan = TypePlan(
         preset=preset,
         tensors=planned,

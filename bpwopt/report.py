@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict
+from pathlib import Path
 
 from bpwopt.optimizer import OptimizeReport
 
@@ -33,8 +34,15 @@ def format_plan(report: OptimizeReport, per_tensor: bool = False) -> str:
     if report.state_path is not None:
         lines.append(f"bpwopt: state {report.state_path}")
     if report.output_path is not None:
-        lines.append(f"bpwopt: wrote {report.output_path} ({report.file_bytes:,} bytes)")
+        lines.append(f"bpwopt: wrote {describe_written(report.output_path, report.shards, report.file_bytes)}")
     return "\n".join(lines)
+
+
+def describe_written(first_path: Path, shards: int, file_bytes: int) -> str:
+    """What a write produced, for the log: the file to load, and how many shards come with it."""
+    if shards == 1:
+        return f"{first_path} ({file_bytes:,} bytes)"
+    return f"{shards} shards, {first_path} first ({file_bytes:,} bytes in all)"
 
 
 def _types_summary(report: OptimizeReport) -> str:

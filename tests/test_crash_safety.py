@@ -37,8 +37,8 @@ import pytest
 
 from bpwopt.cli import main
 from bpwopt.errors import BpwoptError
+from bpwopt.gguf_reader import LazyGGUFReader
 from bpwopt.gguf_writer import TensorSlot, temporary_path, write_gguf
-from bpwopt.inspector import check_gguf_layout
 
 KILLS = int(os.environ.get("BPWOPT_KILLS", "8"))
 KILL_SECONDS = float(os.environ.get("BPWOPT_KILL_SECONDS", str(15 * KILLS)))
@@ -68,9 +68,8 @@ def stored_measurements(state: Path) -> int:
 
 
 def file_types(path: Path) -> dict[str, str]:
-    """Tensor name -> type of a GGUF, after the same layout check bpwopt applies to its inputs."""
-    check_gguf_layout(path)
-    return {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(path).tensors}
+    """Tensor name -> type of a GGUF, read with the same layout checks bpwopt applies to its inputs."""
+    return {tensor.name: tensor.tensor_type.name for tensor in LazyGGUFReader(path).tensors}
 
 
 @dataclass

@@ -35,17 +35,23 @@ CASES = [("smollm2", p) for p in PRESETS] + [
 ]
 
 
-def llama_quantize(source, destination, preset: str, prune_layers: tuple[int, ...] = ()) -> gguf.GGUFReader:
-    """llama.cpp's llama_model_quantize through llama-cpp-python, as llama-quantize calls it."""
+def llama_quantize(
+    source, destination, preset: str, prune_layers: tuple[int, ...] = (), keep_split: bool = False
+) -> gguf.GGUFReader | None:
+    """llama.cpp's llama_model_quantize through llama-cpp-python, as llama-quantize calls it.
+
+    With keep_split, destination is the shards' prefix (llama-quantize strips OUT's .gguf) and nothing is returned.
+    """
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = int(PRESETS_BY_NAME[preset].ftype)
     params.allow_requantize = True
+    params.keep_split = keep_split
     params.nthread = 2
     prune = (ctypes.c_int32 * (len(prune_layers) + 1))(*prune_layers, -1)  # -1 ends the list
     if prune_layers:
         params.prune_layers = prune
     assert llama_cpp.llama_model_quantize(str(source).encode(), str(destination).encode(), ctypes.byref(params)) == 0
-    return gguf.GGUFReader(destination)
+    return None if keep_split else gguf.GGUFReader(destination)
 
 
 def metadata(reader: gguf.GGUFReader) -> dict[str, object]:

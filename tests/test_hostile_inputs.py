@@ -587,7 +587,7 @@ def option_cases() -> list[Case]:
         "--include-weights with --exclude-weights",
         ("--dry-run", "--include-weights", "a", "--exclude-weights", "b", MODEL, "Q4_K"),
     )
-    case("--keep-split", ("--quiet", "--dry-run", "--keep-split", MODEL, "Q4_K"))
+    case("--override-kv of a split key", ("--quiet", "--dry-run", "--override-kv", "split.count=int:2", MODEL, "Q4_K"))
     case("the output is the input", ("--quiet", MODEL, MODEL, "Q8_0"))
     case("the output is a directory", ("--quiet", MODEL, ".", "Q8_0"))
     case("the output's directory is missing", ("--quiet", MODEL, "nowhere/out.gguf", "Q8_0"))
@@ -596,7 +596,119 @@ def option_cases() -> list[Case]:
     return cases
 
 
-CASES = [*model_cases(), *imatrix_cases(), *state_cases(), *option_cases()]
+CONFIG_TOML, CONFIG_YAML = "job.toml", "job.yaml"
+# Every proper prefix of these is an error: without the last line there is neither TYPE nor target, and a
+# cut inside the last line leaves its string open. Only the whole file, final newline or not, is valid.
+VALID_TOML = b"""\
+# a dry run of model.gguf under a budget
+quiet = true
+dry-run = true
+tensor-type = ["attn_q=q8_0", "attn_k=q8_0"]
+sample_rows = 64
+target-size = "11KB"
+"""
+VALID_YAML = b"""\
+# a dry run of model.gguf under a budget
+quiet: true
+dry-run: true
+tensor-type: [attn_q=q8_0, attn_k=q8_0]
+sample_rows: 64
+target-size: "11KB"
+"""
+
+
+def config_cases() -> list[Case]:
+    """--config FILE: cut, flipped, not UTF-8, huge, nested, YAML alias bombs, unknown keys, wrong types."""
+    cases = []
+
+    def case(name, data, expected="error", file_name=CONFIG_TOML, extra=(), huge=False, positional=(MODEL,)):
+        runs = (("--config", file_name, *extra, *positional),)
+        cases.append(
+            Case(name, "config file", runs, expected, lambda valid, d=data, f=file_name: {**valid, f: d}, huge)
+        )
+
+    def shown(text: str) -> str:
+        return " / ".join(text.strip()[:40].splitlines())
+
+    def toml(text: str, name: str | None = None) -> None:
+        case(name or f"TOML {shown(text)}", text.encode())
+
+    def yaml(text: str, name: str | None = None, huge: bool = False) -> None:
+        case(name or f"YAML {shown(text)}", text.encode(), file_name=CONFIG_YAML, huge=huge)
+
+    for data, file_name in ((VALID_TOML, CONFIG_TOML), (VALID_YAML, CONFIG_YAML)):
+        kind = file_name.rsplit(".", 1)[1].upper()
+        ends = [i for i, byte in enumerate(data) if byte == ord("\n")]
+        starts = [0] + [end + 1 for end in ends[:-1]]
+        middles = [start + (end - start) // 2 for start, end in zip(starts, ends, strict=True)]
+        cuts = {*ends[:-1], *middles, len(data) - 2}
+        for cut in sorted(cuts):
+            case(f"{kind} truncated at byte {cut}", data[:cut], file_name=file_name)
+        key_bytes = [i for start, end in zip(starts[1:], ends[1:], strict=True) for i in range(start, start + 5)]
+        rng = np.random.default_rng(11)
+        for _ in range(6):
+            at = int(rng.choice(key_bytes))
+            bit = int(rng.integers(0, 8))
+            case(f"{kind} key byte {at} bit {bit} flipped", flipped(data, 8 * at + bit), file_name=file_name)
+        case(f"{kind} in Latin-1", b"# caf\xe9\n" + data, file_name=file_name)
+        case(f"{kind} in UTF-16", data.decode().encode("utf-16"), file_name=file_name)
+        case(f"valid {kind} (control)", data, "ok", file_name)
+    case("valid YAML as .yml (control)", VALID_YAML, "ok", "job.yml")
+    case("valid TOML with a byte-order mark (control)", b"\xef\xbb\xbf" + VALID_TOML, "ok")
+    case("TOML of exactly 1 MiB (control)", VALID_TOML + b"#" * ((1 << 20) - len(VALID_TOML) - 1) + b"\n", "ok")
+    case("TOML of 1 MiB and a byte", VALID_TOML + b"#" * ((1 << 20) - len(VALID_TOML)) + b"\n", huge=True)
+    case("8 MiB of comment", b"#" * (8 << 20), huge=True)
+    case("the command line's list replaces a bad one (control)", VALID_TOML.replace(b"q8_0", b"Q9_K"), "ok",
+         extra=("--tensor-type", "attn_q=q8_0"))  # fmt: skip
+    case("the command line's target wins (control)", VALID_TOML, "ok", extra=("--target-size", "10KB"))
+    case("input and type from the file (control)", b'input = "model.gguf"\ntype = "Q8_0"\ndry-run = true\n', "ok",
+         positional=())  # fmt: skip
+    case("type without input", b'type = "Q8_0"\n', positional=())
+    case("no positionals anywhere", b"dry-run = true\n", "usage", positional=())
+    cases.append(Case("missing", "config file", (("--config", "absent.toml", MODEL),), "error", dict))
+    cases.append(Case("a directory", "config file", (("--config", ".", MODEL),), "error", dict))
+    case("an .ini file", b"dry-run = true\n", file_name="job.ini")
+    case("no extension", VALID_TOML, file_name="job")
+    case("random bytes", np.random.default_rng(4).bytes(2000))
+    case("NUL bytes", b"\0" * 100)
+    deep = 20_000  # far past Python's recursion limit, which the parsers recurse under
+    toml("ignore = " + "[" * deep + "]" * deep, "TOML arrays nested 20000 deep")
+    toml("a = " + "{b = " * deep + "1" + "}" * deep, "TOML tables nested 20000 deep")
+    yaml("ignore: " + "[" * deep + "]" * deep, "YAML lists nested 20000 deep", huge=True)
+    yaml("ignore: " + "{a: " * deep + "1" + "}" * deep, "YAML mappings nested 20000 deep", huge=True)
+    laughs = "".join(f"  - &l{i} [" + ", ".join([f"*l{i - 1}" if i else "lol"] * 10) + "]\n" for i in range(12))
+    yaml("ignore:\n" + laughs, "YAML billion laughs under a valid key", huge=True)
+    yaml("".join(f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}" if i else "lol"] * 10) + "]\n" for i in range(12)),
+         "YAML billion laughs at the top level", huge=True)  # fmt: skip
+    yaml("ignore: [&s " + "x" * 65536 + ", " + "*s, " * 20000 + "]\n", "YAML alias repeating 64 KiB", huge=True)
+    yaml("ignore: &a [*a]\n", "YAML self-referencing alias")
+    yaml("tensor-type: &a [x=q4_0]\nignore: *a\nexclude-weights: {<<: *a}\n", "YAML merge key of a list")
+    for key in ("target-sise", "targetsize", "help", "version", "positionals", "Dry-Run", '""', "tensor-type.x"):
+        toml(f"{key} = 1\n", f"key {key}")
+    for text in ("1: x", "null: x", "true: x", "? [a, b]\n: c", "- dry-run", "dry-run", "42", "--- {}\n--- {}"):
+        yaml(f"{text}\n")
+    for text in (
+        "target-size = {value = '1MB'}", "tensor-type = [['attn_q=q8_0']]", "target-size = ['1MB', '2MB']",
+        "dry-run = 'yes'", "dry-run = 1", "target-bpw = true", "target-bpw = 'abc'", "objective = 'best'",
+        "sample-rows = 1.5", "target-size = 1979-05-27", "seed = 12:30:00", "ignore = [{a = 1}]",
+        "dry-run = true\ndry_run = true", "dry-run = true\ndry-run = true", "target-bpw = 6\ntarget-size = '1MB'",
+        "input = ['a', 'b']", "config = 'job.toml'", "config = 'other.toml'",
+    ):  # fmt: skip
+        toml(text + "\n")
+    refused = ("tensor-type = ['attn_q']", "prune-layers = 'a,b'", "output-tensor-type = 'Q9_K'", "override-kv = 'a'")
+    for text in refused:
+        case(f"TOML {shown(text)}, refused by the job", text.encode(), positional=(MODEL, OUT, "Q4_K"))
+    case("TOML candidates = 'Q9_K', refused by the job", b"candidates = 'Q9_K'\ntarget-bpw = 6\n")
+    for text in (
+        "target-size:", "dry-run: yes please", "target-size: 2001-12-14", "imatrix: !!binary aGVsbG8=",
+        "dry-run: !!python/object/apply:os.system [echo hacked]", "seed: " + "9" * 5000, "ignore: [[a]]",
+        "config: job.yaml", "sample-rows: 0x", "target-bpw: .inf",
+    ):  # fmt: skip
+        yaml(text + "\n")
+    return cases
+
+
+CASES = [*model_cases(), *imatrix_cases(), *state_cases(), *option_cases(), *config_cases()]
 BY_NAME = {f"{case.category}: {case.name}": case for case in CASES}
 assert len(BY_NAME) == len(CASES), [
     name for name, n in Counter(f"{c.category}: {c.name}" for c in CASES).items() if n > 1
@@ -676,6 +788,7 @@ def test_the_corpus_is_large_and_covers_every_kind_of_input():
     assert sum(hostile.values()) >= 200
     assert all(hostile[category] >= 20 for category in ("gguf model", "imatrix (GGUF)", "imatrix (.dat)", "state file"))
     assert hostile["command line"] >= 50
+    assert hostile["config file"] >= 20
 
 
 def test_error_messages_name_the_problem(valid_inputs, tmp_path, monkeypatch):
