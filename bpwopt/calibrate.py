@@ -35,19 +35,22 @@ from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
 from bpwopt.errors import BpwoptError
-from bpwopt.evaluate import DEFAULT_CTX, evaluate
+from bpwopt.evaluate import evaluate
 from bpwopt.gguf_writer import TensorSlot, copied_kv, write_gguf
 from bpwopt.imatrix import Imatrix, load_imatrix
-from bpwopt.inspector import open_gguf
 from bpwopt.model_writer import output_alignment, rows_to_float, tensor_rows
 from bpwopt.objective import DEFAULT_GROUPING, group_key
 from bpwopt.policy import read_model_info
-from bpwopt.state import StateFile, TensorRecord, file_sha256, read_identity
+from bpwopt.splits import SPLIT_KEYS, ModelFiles, model_sha256, open_model
+from bpwopt.state import StateFile, TensorRecord, read_identity
 from bpwopt.testbed import tensor_seed
 from bpwopt.texts import calibration_text
 
 DEFAULT_NOISE = 1e-3  # ρ²: relative error injected into each tensor of a group (linear regime, see README)
-DEFAULT_CHUNKS = 4  # windows of the calibration text per group: 4 × 255 scored tokens
+# Windows of the calibration text per group and their length (second halves scored): the setting behind the
+# sensitivity rows of benchmarks/RESULTS.md.
+DEFAULT_CHUNKS = 2
+DEFAULT_CTX = 256
 SLAB_ELEMENTS = 4 << 20  # elements summed at a time in float64
 # Settings stored beside the sensitivities: a resumed run reuses only values measured under the same ones.
 _SETTING_KEYS = ("calibration.noise", "calibration.chunks", "calibration.ctx", "calibration.seed")
@@ -130,7 +133,7 @@ def _tensor_weights(tensor: gguf.ReaderTensor, imatrix: Imatrix | None) -> np.nd
 
 
 def write_perturbed(
-    reader: gguf.GGUFReader,
+    reader: ModelFiles,
     names: Sequence[str],
     out_path: Path,
     noise: float,
@@ -141,7 +144,7 @@ def write_perturbed(
 
     Perturbed tensors are written as F32 (dequantized first if the source is
     quantized); every other tensor is copied byte for byte. One tensor is held
-    in memory at a time. Returns the file's bytes.
+    in memory at a time; a split model becomes one file. Returns the file's bytes.
     """
     perturbed = set(names)
     missing = perturbed - {t.name for t in reader.tensors}
@@ -168,7 +171,8 @@ def write_perturbed(
         values += scaled_noise(values, _tensor_weights(tensor, imatrix), noise, rng)
         yield values
 
-    kv = [copied_kv(field) for name, field in reader.fields.items() if not name.startswith("GGUF.")]
+    kept = [field for name, field in reader.fields.items() if not name.startswith("GGUF.") and name not in SPLIT_KEYS]
+    kv = [copied_kv(field) for field in kept]
     return write_gguf(out_path, kv, slots, produce, alignment=output_alignment(reader))
 
 
@@ -199,7 +203,7 @@ def _open_state(state_path: Path, model_path: Path, imatrix: Imatrix | None) -> 
     if not state_path.is_file():
         raise BpwoptError(f"{state_path}: no such state file; measure the model first (bpwopt … --state-file)")
     identity = read_identity(state_path)
-    if file_sha256(model_path) != identity.model_sha256:
+    if model_sha256(open_model(model_path)) != identity.model_sha256:
         raise BpwoptError(f"{state_path} was measured for another model than {model_path}")
     wanted = imatrix.sha256 if imatrix is not None else None
     if wanted != identity.imatrix_sha256:
@@ -240,7 +244,7 @@ def calibrate(
         raise BpwoptError(f"--noise must be positive, got {noise}")
     model_path, state_path = Path(model_path), Path(state_path)
     imatrix = load_imatrix(imatrix_path) if imatrix_path is not None else None
-    reader = open_gguf(model_path)
+    reader = open_model(model_path)
     n_layer = read_model_info(reader).n_layer_all
     text = calibration_text()
     settings = dict(zip(_SETTING_KEYS, (noise, float(chunks), float(ctx), float(seed)), strict=True))

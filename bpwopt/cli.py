@@ -18,6 +18,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
 from bpwopt.calibrate import DEFAULT_CHUNKS, DEFAULT_NOISE, calibrate, format_report
+from bpwopt.calibrate import DEFAULT_CTX as CALIBRATION_CTX
 from bpwopt.config import config_argv
 from bpwopt.errors import BpwoptError
 from bpwopt.evaluate import evaluate, record_evaluation
@@ -447,9 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
         "solves with --state-file weigh each tensor's relative error by its group's value unless "
         "--ignore-tensor-importance. Resumes a killed run (values are stored as they land).",
     )
-    calibration.add_argument("model", type=Path, help="the unquantized GGUF the state was measured for")
-    calibration.add_argument("--state-file", type=Path, required=True, help="a state measured for MODEL")
-    calibration.add_argument("--imatrix", type=Path, help="the imatrix the state was measured with, if any")
+    _add_model_and_state(calibration, "the unquantized GGUF the state was measured for")
     calibration.add_argument("--groups", choices=GROUPINGS, default=DEFAULT_GROUPING,
                              help="tensor groups (default: class-third = tensor class x third of the layers)")
     calibration.add_argument(
@@ -458,13 +457,13 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument(
         "--chunks", type=int, default=DEFAULT_CHUNKS, help=f"text windows per group ({DEFAULT_CHUNKS})"
     )
-    calibration.add_argument("--ctx", type=int, default=512, help="window length in tokens (512)")
+    calibration.add_argument(
+        "--ctx", type=int, default=CALIBRATION_CTX, help=f"window length in tokens ({CALIBRATION_CTX})"
+    )
     calibration.add_argument("--only", metavar="KEY,...", help="calibrate only these group keys")
     calibration.add_argument("--seed", type=int, default=0, help="noise seed")
     calibration.add_argument("--fresh", action="store_true", help="discard stored sensitivities, do not resume")
-    calibration.add_argument("--threads", type=int, help="llama.cpp threads")
-    calibration.add_argument("--quiet", action="store_true", help="no progress bar")
-    calibration.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    _add_run_options(calibration)
     calibration.set_defaults(run=_calibrate)
     tuning = commands.add_parser(
         "tune",
@@ -475,9 +474,7 @@ def build_parser() -> argparse.ArgumentParser:
         "study is kept beside the state (STATE.optuna.db) and resumes; the best factors are stored in the state's "
         "tuned table, which later solves use unless --ignore-tensor-importance.",
     )
-    tuning.add_argument("model", type=Path, help="the unquantized GGUF (measured into the state if not yet)")
-    tuning.add_argument("--state-file", type=Path, required=True, help="the model's state file")
-    tuning.add_argument("--imatrix", type=Path, help="the imatrix the state was measured with, if any")
+    _add_model_and_state(tuning, "the unquantized GGUF (measured into the state if not yet)")
     tuning.add_argument("--target-bpw", type=float, nargs="+", metavar="BPW", help="budgets to tune at, in bpw")
     tuning.add_argument("--target-size", nargs="+", metavar="SIZE", help="budgets to tune at, as file sizes")
     tuning.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
@@ -490,11 +487,22 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--candidates", metavar="T1,T2,...", help="as measured into the state (default: bpwopt's)")
     tuning.add_argument("--sample-rows", type=int, default=Sampling.max_rows, metavar="N",
                         help="as measured into the state")  # fmt: skip
-    tuning.add_argument("--threads", type=int, help="threads for quantizing and llama.cpp")
-    tuning.add_argument("--quiet", action="store_true", help="no progress bar")
-    tuning.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    _add_run_options(tuning)
     tuning.set_defaults(run=_tune)
     return parser
+
+
+def _add_model_and_state(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """MODEL, --state-file and --imatrix: what calibrate and tune work on."""
+    parser.add_argument("model", type=Path, help=model_help)
+    parser.add_argument("--state-file", type=Path, required=True, help="the state measured (or to measure) for MODEL")
+    parser.add_argument("--imatrix", type=Path, help="the imatrix the state was measured with, if any")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="threads for quantizing and llama.cpp")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,6 +30,7 @@ from bpwopt.imatrix import Imatrix
 from bpwopt.model_writer import output_row_bytes, rows_to_float, tensor_rows
 from bpwopt.policy import TensorPlan, fallback_type
 from bpwopt.quant_types import QUANT_TYPES
+from bpwopt.splits import ModelFiles
 from bpwopt.state import Measurement, TensorRecord
 
 Q = GGMLQuantizationType
@@ -203,7 +204,7 @@ class MeasureTask:
 
 
 def measure_tensors(
-    reader: gguf.GGUFReader,
+    reader: ModelFiles,
     tasks: Sequence[MeasureTask],
     imatrix: Imatrix | None,
     sampling: Sampling,

@@ -10,7 +10,6 @@ through the same write stage as the llama-quantize job.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import math
 import tempfile
@@ -39,13 +38,13 @@ from bpwopt.pipeline import (
 from bpwopt.policy import QuantizeOptions, TensorPlan, TypePlan, check_plan_writable, is_quantized, plan_types
 from bpwopt.presets import PRESETS, Preset, parse_type_argument
 from bpwopt.solver import TensorOptions, byte_range, solve
+from bpwopt.splits import model_sha256
 from bpwopt.state import (
     PlanRecord,
     StateFile,
     StateIdentity,
     TensorRecord,
     default_state_path,
-    file_sha256,
 )
 from bpwopt.targets import Target
 
@@ -243,27 +242,12 @@ def _identity(source: SourceModel, job: OptimizeJob) -> StateIdentity:
     name_field = source.reader.fields.get("general.name")
     model_name = str(name_field.contents()) if name_field is not None else source.path.stem
     return StateIdentity(
-        model_sha256=_model_sha256(source.reader.paths),
+        model_sha256=model_sha256(source.reader),
         model_name=model_name,
         imatrix_sha256=source.imatrix.sha256 if source.imatrix is not None else None,
         candidates=tuple(t.name for t in job.candidates),
         sampling=job.sampling.describe(),
     )
-
-
-def _model_sha256(paths: Sequence[Path]) -> str:
-    """The file's hash; a split model's is the hash of its shards' hashes, in order."""
-    hashes = []
-    for path in paths:
-        status = path.stat()
-        hashes.append(_sha256_unchanged(path.resolve(), status.st_ino, status.st_size, status.st_mtime_ns))
-    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
-
-
-@functools.lru_cache(maxsize=4)
-def _sha256_unchanged(path: Path, inode: int, size: int, mtime_ns: int) -> str:
-    """A model's hash, computed once per process while the file is unchanged (like its reader)."""
-    return file_sha256(path)
 
 
 @contextmanager

@@ -51,7 +51,8 @@ from bpwopt.objective import (
 from bpwopt.policy import Category, QuantizeOptions, plan_types
 from bpwopt.presets import PRESETS, PRESETS_BY_NAME
 from bpwopt.solver import TensorOptions, solve
-from bpwopt.state import Measurement, PlanRecord, StateFile, TensorRecord, file_sha256, read_identity
+from bpwopt.splits import model_sha256, open_model
+from bpwopt.state import Measurement, PlanRecord, StateFile, TensorRecord, read_identity
 
 FORMATS = ("png", "svg")
 CURVE_POINTS = 40
@@ -510,7 +511,7 @@ def tensor_curves(
 def _check_model(model_path: Path, state_sha256: str, state_path: Path) -> None:
     if not model_path.is_file():
         raise BpwoptError(f"{model_path}: no such file")
-    sha256 = file_sha256(model_path)
+    sha256 = model_sha256(open_model(model_path))
     if sha256 != state_sha256:
         raise BpwoptError(
             f"{model_path} is not the model state file {state_path} was measured from "

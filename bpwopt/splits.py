@@ -13,6 +13,7 @@ llama_model_loader checks them, so what bpwopt accepts llama.cpp loads.
 from __future__ import annotations
 
 import functools
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import gguf
 
 from bpwopt.errors import BpwoptError
 from bpwopt.inspector import open_gguf
+from bpwopt.state import file_sha256
 
 SPLIT_NO = "split.no"
 SPLIT_COUNT = "split.count"
@@ -142,3 +144,21 @@ def _split_value(reader: gguf.GGUFReader, key: str, path: Path, required: bool =
     if not isinstance(value, int) or isinstance(value, bool):
         raise BpwoptError(f"{path}: {key} is {value!r}, not an integer")
     return value
+
+
+def model_sha256(model: ModelFiles) -> str:
+    """The model's identity in state files: its file's sha256; a split model's, the sha256 of its shards' ones.
+
+    Hashes are computed once per process while a file is unchanged (same inode,
+    size and mtime), like its reader: re-solving in one process hashes once.
+    """
+    hashes = []
+    for path in model.paths:
+        status = path.stat()
+        hashes.append(_sha256_unchanged(path.resolve(), status.st_ino, status.st_size, status.st_mtime_ns))
+    return hashes[0] if len(hashes) == 1 else hashlib.sha256("".join(hashes).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_unchanged(path: Path, inode: int, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)

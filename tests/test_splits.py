@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from bpwopt import gguf_writer
+from bpwopt import calibrate, gguf_writer
 from bpwopt.cli import main
 from bpwopt.errors import BpwoptError
 from bpwopt.gguf_writer import GGUFLayout, TensorSlot, copied_kv, encode_kv, write_gguf, write_gguf_files
@@ -252,3 +252,16 @@ def test_a_run_killed_between_shard_renames_leaves_no_first_shard_and_a_rerun_co
     monkeypatch.setattr(gguf_writer.os, "replace", rename)
     assert write_gguf_files(paths, layouts, zeros) == sum(path.stat().st_size for path in paths)
     assert sorted(tmp_path.iterdir()) == paths and paths[0].read_bytes()[:4] == b"GGUF"
+
+
+def test_calibrate_and_plot_accept_the_split_model_their_state_was_measured_from(shards, tmp_path):
+    state = tmp_path / "s.bpw_state"
+    common = ["--allow-requantize", "--sample-rows", "64", "--candidates", "Q4_0,Q8_0", "--quiet"]
+    assert main([*common, "--dry-run", "--state-file", str(state), "--target-bpw", "6", str(shards[0])]) == 0
+    arguments = ["--state-file", str(state), "--only", "attn_v@0-9", "--chunks", "1", "--ctx", "64", "--quiet"]
+    assert main(["calibrate", str(shards[0]), *arguments]) == 0  # the split model's hash matches its state's
+    assert main(["plot", str(state), "--model", str(shards[0]), "--out", str(tmp_path / "plots")]) == 0
+    perturbed = tmp_path / "perturbed.gguf"
+    calibrate.write_perturbed(open_model(shards[0]), ["blk.0.attn_v.weight"], perturbed, 1e-3, None)
+    assert not {"split.no", "split.count", "split.tensors.count"} & set(gguf.GGUFReader(perturbed).fields)
+    assert greedy_text(perturbed).strip()  # one file holding every shard's tensors: llama.cpp loads it
