@@ -9,6 +9,7 @@ the evaluation text (`bpwopt.texts`), through llama.cpp.
 Methods:
   wsse         Σ w(x−x̂)², stored weights ignored (w = the imatrix; plain squared error without one)
   relative     each tensor's error over its own signal, stored weights ignored
+  per-weight   relative times the tensor's number of weights, stored weights ignored
   sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate` on the calibration text)
   tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
                calibration text) at held-out budgets: bpw midway between the two smallest and between
@@ -44,7 +45,7 @@ MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/ma
     "gemma3": (gemma3_path, REPO / "data" / "gemma3-270m-offgrid-f16.imatrix.gguf"),
 }
 PRESETS = ["Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"]
-METHODS = ["wsse", "relative", "sensitivity", "tuned"]
+METHODS = ["wsse", "relative", "per-weight", "sensitivity", "tuned"]
 HEADER = (
     "| preset | imatrix | method | file bytes | bpw | mean KLD | ± | p99 KLD | same top | PPL | KLD / preset |\n"
     "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
@@ -132,7 +133,7 @@ def method_job(
 ) -> OptimizeJob:
     """The optimizer job of a method at one preset's size; `tuned` runs (or resumes) its study first."""
     job = replace(solve, output_path=out, target=Target(file_bytes=file_bytes), objective="relative")
-    if method in ("wsse", "relative"):
+    if method in ("wsse", "relative", "per-weight"):
         return replace(job, objective=method, ignore_importance=True)
     if method == "sensitivity":
         return replace(job, tuning={})

@@ -15,7 +15,12 @@ columns. Two ways to add those up across tensors:
   quantity the noise-injection sensitivities (`bpwopt calibrate`) are
   calibrated against, so a per-group weight turns it into predicted KLD.
 
-Without an imatrix w = 1 and both fall back to plain squared error. Per-group
+* `per-weight`: `relative` times the tensor's number of weights, i.e. each
+  weight's error relative to its tensor's mean signal per weight. Scale-free
+  like `relative` (activations that grow through the layers do not skew it),
+  but a tensor counts by its size, as in `wsse`.
+
+Without an imatrix w = 1 and all fall back to plain squared error. Per-group
 weights (sensitivities or optuna-tuned factors) multiply the tensor's terms.
 
 Without an explicit `--objective`, a state holding calibrated group weights
@@ -38,7 +43,7 @@ import numpy as np
 from bpwopt.errors import BpwoptError
 from bpwopt.state import Measurement, TensorRecord
 
-OBJECTIVES = ("wsse", "relative")
+OBJECTIVES = ("wsse", "relative", "per-weight")
 DEFAULT_OBJECTIVE = "wsse"
 
 
@@ -54,8 +59,10 @@ def option_errors(
 ) -> np.ndarray:
     """The objective's value (float64, ≥ 0) of each measured option of one tensor, times its group weight."""
     errors = np.array([m.weighted_sse for m in measurements], dtype=np.float64)
-    if check_objective(objective) == "relative":
+    if check_objective(objective) != "wsse":
         errors = errors / record.weight_energy if record.weight_energy > 0 else np.zeros_like(errors)
+    if objective == "per-weight":
+        errors = errors * record.elements
     errors = weight * errors
     unusable = ~(np.isfinite(errors) & (errors >= 0))  # NaN stored in the state, or a bad group weight
     if unusable.any():

@@ -1,0 +1,49 @@
+"""The objectives: what one tensor's measured errors become before the solver adds them up."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from bpwopt.errors import BpwoptError
+from bpwopt.objective import OBJECTIVES, check_objective, default_objective, option_errors
+from bpwopt.state import Measurement, TensorRecord
+
+RECORD = TensorRecord("blk.3.ffn_down.weight", (1536, 576), 884_736, "F16", "ffn_down", 3, 50.0, 40.0)
+
+
+def measured(*weighted_sse: float) -> list[Measurement]:
+    return [Measurement(RECORD.name, f"T{i}", 100 * (i + 1), e, 2 * e, 0.0, 0.0, 8, 8, 0.1)
+            for i, e in enumerate(weighted_sse)]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("objective", "scale"),
+    [("wsse", 1.0), ("relative", 1 / 50.0), ("per-weight", 884_736 / 50.0)],
+)
+def test_each_objective_scales_the_weighted_error_and_the_group_weight_multiplies_it(objective, scale):
+    errors = option_errors(objective, measured(4.0, 1.0, 0.0), RECORD, weight=3.0)
+    assert errors.dtype == np.float64
+    assert errors.tolist() == pytest.approx([3.0 * 4.0 * scale, 3.0 * scale, 0.0])
+
+
+def test_a_tensor_of_zero_signal_has_no_relative_error():
+    silent = TensorRecord("blk.0.attn_k.weight", (576, 192), 110_592, "F16", "attn_k", 0, 0.0, 0.0)
+    assert option_errors("per-weight", measured(1.0), silent).tolist() == [0.0]
+
+
+@pytest.mark.parametrize("bad", [math.nan, -1.0, math.inf])
+def test_an_unusable_stored_error_or_weight_is_a_damaged_state(bad):
+    with pytest.raises(BpwoptError, match="the state file is damaged"):
+        option_errors("wsse", measured(1.0, bad), RECORD)
+    with pytest.raises(BpwoptError, match="the state file is damaged"):
+        option_errors("relative", measured(1.0), RECORD, weight=bad)
+
+
+def test_objective_names_and_the_default():
+    assert OBJECTIVES == ("wsse", "relative", "per-weight")
+    with pytest.raises(ValueError, match="valid: wsse, relative, per-weight"):
+        check_objective("mse")
+    assert default_objective({}) == "wsse" and default_objective({"attn_v@0-9": 2.0}) == "relative"
