@@ -96,16 +96,17 @@ def main() -> None:
             ctx=args.calibration_ctx, threads=args.threads, progress=False,
         )  # fmt: skip
     text, reference = evaluation_text(), {}
-    for name, (path, file_bytes, bpw) in presets.items():
+    for name, (preset_path, preset_bytes, preset_bpw) in presets.items():
         for method in ["preset", *args.methods]:  # the preset first: its KLD is the ratio's reference
             key = (name, args.imatrix, method)
             if key in done:
                 reference.setdefault(name, done[key])
                 continue
-            if method != "preset":
+            path, file_bytes, bpw = preset_path, preset_bytes, preset_bpw
+            if method != "preset":  # every method at the preset's size
                 out = work / f"{name}-{label}-{method}.gguf"
-                plan = optimize_file(method_job(solve, method, presets, args, out, file_bytes))
-                file_bytes, bpw, path = plan.file_bytes, plan.bits_per_weight, out
+                plan = optimize_file(method_job(solve, method, presets, args, out, preset_bytes))
+                path, file_bytes, bpw = out, plan.file_bytes, plan.bits_per_weight
             result = evaluate(base, path, text, chunks=args.chunks, threads=args.threads, progress=False)
             reference.setdefault(name, result.mean_kld)
             with args.out.open("a") as table:
