@@ -4,33 +4,34 @@ A measurement gives, per (tensor, type), Σ_j w_j (W_ij − Ŵ_ij)² with w the
 imatrix's column weights (mean squared input activation of column j). For a
 linear layer y = W x that sum is the expected squared error the quantization
 adds to y per token, E‖(W − Ŵ) x‖², when activations are uncorrelated across
-columns. Two ways to add those up across tensors:
+columns. Three ways to add those up across tensors:
 
 * `wsse`: the absolute sums. Every tensor's error is in units of its own
-  output; tensors whose outputs are large (and the embedding, which has no
-  imatrix entry and is weighed by 1) dominate.
+  output; tensors whose outputs are large (late layers of models whose
+  residual stream grows, like Gemma 3) dominate, and the embedding, which
+  has no imatrix entry, is weighed by 1.
 * `relative`: each sum divided by the tensor's own signal Σ_j w_j W_ij², i.e.
   the noise-to-signal ratio its output gets. Scale-free, so the attention
   projections, FFN matrices and the embedding are on one footing; this is the
   quantity the noise-injection sensitivities (`bpwopt calibrate`) are
   calibrated against, so a per-group weight turns it into predicted KLD.
-
 * `per-weight`: `relative` times the tensor's number of weights, i.e. each
   weight's error relative to its tensor's mean signal per weight. Scale-free
-  like `relative` (activations that grow through the layers do not skew it),
-  but a tensor counts by its size, as in `wsse`.
+  like `relative`, but a tensor counts by its size, as in `wsse`.
 
-Without an imatrix w = 1 and all fall back to plain squared error. Per-group
-weights (sensitivities or optuna-tuned factors) multiply the tensor's terms.
+Without an imatrix w = 1 and all three are plain squared error, scaled.
+Per-group weights (sensitivities) and tuned factors multiply a tensor's terms.
 
 Without an explicit `--objective`, a state holding calibrated group weights
 is solved with `relative` (the sensitivities are KLD per unit of relative
-error, so only that product predicts KLD), any other with `wsse`
-(`default_objective`). `wsse` is the default on evidence (benchmarks/quality.py, off-grid F16
-SmolLM2 with its imatrix, KLD against the F16 model): at the Q4_K_M preset's
-size `wsse` gives 0.96× the preset's KLD and `relative` 2.10×; at Q3_K_M's
-size 0.96× and 0.99×. Unweighted, `relative` counts a 0.1M-weight attn_k as
-much as a 0.9M-weight FFN matrix and buys it Q8_0 at the FFN's expense.
+error, so only that product predicts KLD), any other with `per-weight`
+(`default_objective`). The evidence (benchmarks/quality.py, off-grid F16
+bases with their imatrix, KLD against the base at the presets' sizes):
+`per-weight` gives 0.70× / 0.84× the preset's KLD at Q3_K_M / Q4_K_M size on
+SmolLM2-135M and 0.12× / 0.74× on Gemma-3-270M; `wsse` 0.96× / 0.96× and
+2.85× / 5.77× (on Gemma it starves the early layers); `relative` 0.99× /
+2.10× on SmolLM2 (it counts a 0.1M-weight attn_k as much as a 0.9M-weight
+FFN matrix and buys it Q8_0 at the FFN's expense).
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from bpwopt.errors import BpwoptError
 from bpwopt.state import Measurement, TensorRecord
 
 OBJECTIVES = ("wsse", "relative", "per-weight")
-DEFAULT_OBJECTIVE = "wsse"
+DEFAULT_OBJECTIVE = "per-weight"
 
 
 def check_objective(name: str) -> str:
@@ -162,5 +163,5 @@ def tensor_weights(
 
 
 def default_objective(weights: Mapping[str, float]) -> str:
-    """The objective when none is asked for: `relative` once calibrated group weights exist, else `wsse`."""
+    """The objective when none is asked for: `relative` once calibrated group weights exist, else `per-weight`."""
     return "relative" if weights else DEFAULT_OBJECTIVE

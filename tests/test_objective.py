@@ -46,4 +46,4 @@ def test_objective_names_and_the_default():
     assert OBJECTIVES == ("wsse", "relative", "per-weight")
     with pytest.raises(ValueError, match="valid: wsse, relative, per-weight"):
         check_objective("mse")
-    assert default_objective({}) == "wsse" and default_objective({"attn_v@0-9": 2.0}) == "relative"
+    assert default_objective({}) == "per-weight" and default_objective({"attn_v@0-9": 2.0}) == "relative"

@@ -117,5 +117,5 @@ def test_without_an_objective_a_calibrated_state_is_solved_with_relative_error(s
 
     assert solve.objective is None
     assert solved_objective({"attn_v@0-9": 2.0}) == "relative"  # sensitivities are KLD per unit relative error
-    assert solved_objective({}) == "wsse"
+    assert solved_objective({}) == "per-weight"
     assert solved_objective({"attn_v@0-9": 2.0}, "wsse") == "wsse"  # an explicit choice is kept
