@@ -16,11 +16,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from functools import partial
 
 import numba
 import numpy as np
+from timing import best_seconds
 
 import bpwopt
 from bpwopt.quant_types import QUANT_TYPES
@@ -32,15 +32,6 @@ _COMPILE_PROBE = (
     "[bpwopt.quant_error(x, n, w) for n in bpwopt.QUANT_TYPES]; "
     "print(time.perf_counter() - t)"
 )
-
-
-def best_seconds(function, repeats: int) -> float:
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - start)
-    return min(timings)
 
 
 def compile_seconds(cache_dir: str) -> float:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import argparse
 import platform
-import time
 
 import numpy as np
 import scipy
+from timing import best_seconds
 
 from bpwopt.solver import TensorOptions, byte_range, solve
 
@@ -77,15 +77,6 @@ def synthetic_problem(n_tensors: int, seed: int) -> tuple[list[TensorOptions], i
         error = elements * 2.0 ** (-2 * bits_per_weight) * scale * noise
         problem.append(TensorOptions(name, labels, elements // 256 * block_bytes, error))
     return problem, sum(elements for _, elements in shapes)
-
-
-def best_seconds(function, repeats: int) -> float:
-    timings = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        function()
-        timings.append(time.perf_counter() - start)
-    return min(timings)
 
 
 def main() -> None:
