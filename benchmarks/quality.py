@@ -13,7 +13,8 @@ Methods:
   sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate` on the calibration text)
   tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
                calibration text) at held-out budgets: bpw midway between the two smallest and between
-               the two largest presets, never one of the sizes in the table
+               the two largest presets, never one of the sizes in the table (the factors tune stores:
+               the untuned objective unless a trial beat it significantly)
 
 --model gemma3 does the same for Gemma-3-270M (its off-grid base from the
 shipped Q4_K_M). Rows are appended to --out as they are measured; a rerun skips rows already
@@ -139,7 +140,7 @@ def method_job(
     if method == "sensitivity":
         return replace(job, tuning={})
     report = tune(solve, held_out_budgets(presets), trials=args.trials, progress=False)
-    return replace(job, tuning=report.best.tuning)
+    return replace(job, tuning=report.chosen.tuning)
 
 
 def held_out_budgets(presets: dict) -> list[Target]:

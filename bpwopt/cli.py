@@ -126,9 +126,10 @@ def _tune(args: argparse.Namespace) -> None:
         solve, budgets, trials=args.trials, ctx=args.ctx, chunks=args.chunks, seed=args.seed, progress=not args.quiet
     )
     if args.json:
-        print(json.dumps({"study": report.study_name, "storage": str(report.storage),
-                          "budgets": [b.describe() for b in report.budgets], "untuned": vars(report.untuned),
-                          "best": vars(report.best), "trials": len(report.trials)}, indent=2))  # fmt: skip
+        summary = {"study": report.study_name, "storage": str(report.storage), "trials": len(report.trials),
+                   "budgets": [b.describe() for b in report.budgets]}  # fmt: skip
+        trials = {"untuned": vars(report.untuned), "best": vars(report.best), "chosen": vars(report.chosen)}
+        print(json.dumps(summary | trials, indent=2))
         return
     print(format_tune_report(report))
     print(f"bpwopt: stored the best factors in {args.state_file}; later solves use them "

@@ -89,8 +89,11 @@ def test_tune_runs_untuned_first_stores_the_best_and_resumes(solve, tmp_path):
     assert all(len(t.klds) == 1 and t.klds[0] > 0 and t.score == pytest.approx(math.log(t.klds[0]))
                for t in report.trials)  # fmt: skip
     assert report.best.score == min(t.score for t in report.trials) <= report.untuned.score
+    assert all(t.score_stderr > 0 for t in report.trials)
+    margin = 2 * math.hypot(report.best.score_stderr, report.untuned.score_stderr)
+    assert report.chosen is (report.best if report.best.score < report.untuned.score - margin else report.untuned)
     with StateFile.open(solve.state_path, read_identity(solve.state_path), create=False) as state:
-        assert state.values("tuned") == pytest.approx(report.best.tuning)
+        assert state.values("tuned") == pytest.approx(report.chosen.tuning)
         state.set_values("tuned", {})
     assert storage_path(solve.state_path).is_file()
 
