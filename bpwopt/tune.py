@@ -99,7 +99,7 @@ def tune(
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> TuneReport:
-    """Run the study for `budgets` until it has `trials` completed trials; store the best factors in the state.
+    """Run the study for `budgets` until it has `trials` completed trials; store the chosen factors in the state.
 
     solve: how each trial solves — its input_path (the unquantized model the
     state is, or will be, measured for), state_path (required), imatrix,
@@ -169,9 +169,10 @@ def _open_study(storage: Path, name: str, seed: int) -> optuna.Study:
         rdb = optuna.storages.RDBStorage(
             f"sqlite:///{storage}", heartbeat_interval=_HEARTBEAT_SECONDS, grace_period=2 * _HEARTBEAT_SECONDS
         )
-        sampler = optuna.samplers.TPESampler(seed=seed, multivariate=True, n_startup_trials=8)
-        study = optuna.create_study(study_name=name, storage=rdb, sampler=sampler, load_if_exists=True)
+        study = optuna.create_study(study_name=name, storage=rdb, load_if_exists=True)
         optuna.storages.fail_stale_trials(study)  # a killed run's unfinished trial
+        # seeded past the trials already run, so a resumed study does not draw its first random trials again
+        study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials), multivariate=True, n_startup_trials=8)
     return study
 
 
