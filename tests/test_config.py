@@ -127,7 +127,7 @@ def test_every_long_option_of_the_parser_is_a_key(tmp_path):
         ("a.yaml", "target-bpw: [4, 5]\n", "target-bpw: expected one value, not a list"),
         ("a.yaml", "ignore: [[a]]\n", "ignore: expected a string or a number, not a list"),
         ("a.yaml", "imatrix: {path: x}\n", "imatrix: expected a string or a number, not a table"),
-        ("a.toml", "objective = 'best'\n", "objective: 'best' is not one of wsse, relative"),
+        ("a.toml", "objective = 'best'\n", "objective: 'best' is not one of wsse, relative, per-weight"),
         ("a.toml", "sample-rows = 'many'\n", "sample-rows: invalid value 'many'"),
         ("a.toml", "config = 'b.toml'\n", "a config cannot name another config"),
         ("a.toml", "dry-run = true\ndry_run = true\n", "given twice"),
