@@ -15,9 +15,15 @@ columns. Three ways to add those up across tensors:
   projections, FFN matrices and the embedding are on one footing; this is the
   quantity the noise-injection sensitivities (`bpwopt calibrate`) are
   calibrated against, so a per-group weight turns it into predicted KLD.
-* `per-weight`: `relative` times the tensor's number of weights, i.e. each
-  weight's error relative to its tensor's mean signal per weight. Scale-free
-  like `relative`, but a tensor counts by its size, as in `wsse`.
+* `per-weight`: the tensor's number of weights times the mean of its
+  imatrix-weighted and its plain relative error, i.e. each weight's error
+  relative to its tensor's mean signal per weight. Scale-free like
+  `relative` (activations that differ by orders of magnitude between layers
+  do not skew it), but a tensor counts by its size, as in `wsse`. The plain
+  half is a hedge: where one input channel holds most of a tensor's imatrix
+  (SmolLM2's blk.11.ffn_down: 90 % in one of 1536), the weighted error of
+  Q2_K is 2e-4 of the signal and the plain one 8e-2; weighted alone, such a
+  tensor looks free and is cut to Q2_K.
 
 Without an imatrix w = 1 and all three are plain squared error, scaled.
 Per-group weights (sensitivities) and tuned factors multiply a tensor's terms.
@@ -26,12 +32,11 @@ Without an explicit `--objective`, a state holding calibrated group weights
 is solved with `relative` (the sensitivities are KLD per unit of relative
 error, so only that product predicts KLD), any other with `per-weight`
 (`default_objective`). The evidence (benchmarks/quality.py, off-grid F16
-bases with their imatrix, KLD against the base at the presets' sizes):
-`per-weight` gives 0.70× / 0.84× the preset's KLD at Q3_K_M / Q4_K_M size on
-SmolLM2-135M and 0.12× / 0.74× on Gemma-3-270M; `wsse` 0.96× / 0.96× and
-2.85× / 5.77× (on Gemma it starves the early layers); `relative` 0.99× /
-2.10× on SmolLM2 (it counts a 0.1M-weight attn_k as much as a 0.9M-weight
-FFN matrix and buys it Q8_0 at the FFN's expense).
+bases with their imatrix, KLD against the base at the six preset sizes
+Q3_K_S … Q5_K_M): `per-weight` gives 0.33×–0.69× the preset's KLD up to
+Q4_K_M size and 1.07× at Q5_K_M on SmolLM2-135M (weighted alone: 0.35×–0.84×
+and 1.46×; `wsse` 0.34×–1.31× and 1.43×); on Gemma-3-270M `wsse` is 1.4×–10×
+worse than the presets (its absolute units differ by orders of magnitude between Gemma's tensors).
 """
 
 from __future__ import annotations
@@ -59,11 +64,15 @@ def option_errors(
     objective: str, measurements: list[Measurement], record: TensorRecord, weight: float = 1.0
 ) -> np.ndarray:
     """The objective's value (float64, ≥ 0) of each measured option of one tensor, times its group weight."""
-    errors = np.array([m.weighted_sse for m in measurements], dtype=np.float64)
-    if check_objective(objective) != "wsse":
-        errors = errors / record.weight_energy if record.weight_energy > 0 else np.zeros_like(errors)
-    if objective == "per-weight":
-        errors = errors * record.elements
+    weighted = np.array([m.weighted_sse for m in measurements], dtype=np.float64)
+    if check_objective(objective) == "wsse":
+        errors = weighted
+    elif objective == "relative":
+        errors = _relative(weighted, record.weight_energy)
+    else:  # per-weight: half imatrix-weighted, half plain, so that a few huge channels cannot make a tensor look free
+        plain = np.array([m.sse for m in measurements], dtype=np.float64)
+        both = _relative(weighted, record.weight_energy) + _relative(plain, record.plain_energy)
+        errors = 0.5 * record.elements * both
     errors = weight * errors
     unusable = ~(np.isfinite(errors) & (errors >= 0))  # NaN stored in the state, or a bad group weight
     if unusable.any():
@@ -72,6 +81,10 @@ def option_errors(
             f"group weight {weight:g} is {errors[unusable][0]:g}; the state file is damaged"
         )
     return errors
+
+
+def _relative(errors: np.ndarray, energy: float) -> np.ndarray:
+    return errors / energy if energy > 0 else np.zeros_like(errors)
 
 
 GROUPINGS = ("class-third", "class", "class-layer", "tensor")

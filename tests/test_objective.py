@@ -19,14 +19,24 @@ def measured(*weighted_sse: float) -> list[Measurement]:
             for i, e in enumerate(weighted_sse)]  # fmt: skip
 
 
+# measured(e): weighted error e, plain error 2e; RECORD: weighted signal 50, plain signal 40, 884,736 weights
 @pytest.mark.parametrize(
     ("objective", "scale"),
-    [("wsse", 1.0), ("relative", 1 / 50.0), ("per-weight", 884_736 / 50.0)],
+    [("wsse", 1.0), ("relative", 1 / 50.0), ("per-weight", 884_736 * (1 / 50.0 + 2 / 40.0) / 2)],
 )
-def test_each_objective_scales_the_weighted_error_and_the_group_weight_multiplies_it(objective, scale):
+def test_each_objective_scales_the_error_and_the_group_weight_multiplies_it(objective, scale):
     errors = option_errors(objective, measured(4.0, 1.0, 0.0), RECORD, weight=3.0)
     assert errors.dtype == np.float64
     assert errors.tolist() == pytest.approx([3.0 * 4.0 * scale, 3.0 * scale, 0.0])
+
+
+def test_per_weight_does_not_let_one_huge_imatrix_channel_make_a_tensor_look_free():
+    # blk.11.ffn_down of SmolLM2: 90 % of its imatrix in one channel, Q2_K's weighted relative error 2e-4
+    # against a plain relative error of 8e-2; the plain half keeps it near the 4e-2 an ordinary tensor shows
+    skewed = TensorRecord("blk.11.ffn_down.weight", (1536, 576), 884_736, "F16", "ffn_down", 11, 1.0, 1.0)
+    q2_k = Measurement(skewed.name, "Q2_K", 290_304, 2e-4, 8e-2, 0.0, 0.0, 576, 576, 0.1)
+    assert option_errors("relative", [q2_k], skewed).tolist() == pytest.approx([2e-4])
+    assert option_errors("per-weight", [q2_k], skewed).tolist() == pytest.approx([884_736 * 0.5 * (2e-4 + 8e-2)])
 
 
 def test_a_tensor_of_zero_signal_has_no_relative_error():
