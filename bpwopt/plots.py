@@ -650,7 +650,7 @@ def _type_bytes(elements: int, type_name: str) -> int:
 
 def _error_label(objective: str, weighted: bool, group_weights: bool) -> str:
     w = "w = imatrix" if weighted else "w = 1 (no imatrix)"
-    term = {"relative": "Σw(x−x̂)²/Σwx²", "per-weight": "n·Σw(x−x̂)²/Σwx²"}.get(objective, "Σw(x−x̂)²")
+    term = {"relative": "Σw(x−x̂)²/Σwx²", "per-weight": "n·½(Σw(x−x̂)²/Σwx² + Σ(x−x̂)²/Σx²)"}.get(objective, "Σw(x−x̂)²")
     scaled = " × stored group weight and tuned factor" if group_weights else ""
     return f"sum over tensors of {term}{scaled}, {w}"
 
