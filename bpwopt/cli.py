@@ -114,8 +114,6 @@ def _tune(args: argparse.Namespace) -> None:
     budgets += [Target(file_bytes=parse_size(size)) for size in args.target_size or ()]
     if not budgets:
         raise BpwoptError("give at least one budget to tune at: --target-bpw BPW... or --target-size SIZE...")
-    if args.sample_rows < 2:
-        raise BpwoptError("--sample-rows must be at least 2")
     solve = OptimizeJob(
         input_path=args.model, output_path=None, target=budgets[0],
         options=QuantizeOptions(allow_requantize=args.allow_requantize), imatrix_path=args.imatrix,
@@ -337,8 +335,6 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
     }
     if target is None:
         return QuantizeJob(type_text=where.type_text, threads=where.threads, **common)
-    if args.sample_rows < 2:
-        raise BpwoptError("--sample-rows must be at least 2")
     if not (math.isfinite(args.time_limit) and args.time_limit >= 0):
         raise BpwoptError(f"invalid --time-limit {args.time_limit}: expected a number of seconds, 0 or more")
     return OptimizeJob(

@@ -47,6 +47,10 @@ class Sampling:
     seed: int = 0
     precise: bool = False
 
+    def __post_init__(self) -> None:
+        if self.max_rows < 2:  # two rows per stratum at the least, or there is no standard error
+            raise BpwoptError("--sample-rows must be at least 2")
+
     def describe(self) -> str:
         """Canonical text for the state's identity: measurements are reusable only under equal sampling."""
         return "precise" if self.precise else f"rows<={self.max_rows};seed={self.seed}"

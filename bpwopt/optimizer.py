@@ -110,6 +110,7 @@ class OptimizeReport:
     elements: int
     data_bytes: int  # tensor data, as llama.cpp's size line counts it
     file_bytes: int  # the whole file (all shards), predicted before writing and equal to what was written
+    objective: str  # what was minimized (the job's, or the state's default)
     predicted_error: float
     gap: float  # the solver's remaining relative optimality gap
     solve_seconds: float
@@ -164,9 +165,10 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     identity = _identity(source, job)
     with _open_state(job, identity) as state:
         measured, reused = _measure(source, state, varied, types_of, job)
-        job = replace(job, objective=job.objective or default_objective(_stored_weights(state, job)))
+        group_weights = {} if job.ignore_importance else state.values("weights")  # calibrated sensitivities
+        job = replace(job, objective=job.objective or default_objective(group_weights))
         template = write_request(source, base.types(), 0, job.overrides, _provenance_template(job))
-        problem = _problem(source, base, varied, types_of, state, job, tensor_alignments(template))
+        problem = _problem(source, base, varied, types_of, state, job, tensor_alignments(template), group_weights)
         reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
         header = _header_bytes(source, base, template) if job.target.counts_whole_file else 0
         budget = _budget(job.target, problem, header, reachable)
@@ -208,6 +210,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         elements=elements,
         data_bytes=data_bytes,
         file_bytes=file_bytes,
+        objective=job.objective,
         predicted_error=solution.total_error,
         gap=solution.gap,
         solve_seconds=solution.seconds,
@@ -302,12 +305,13 @@ def _problem(
     state: StateFile,
     job: OptimizeJob,
     alignment_of: dict[str, int],
+    group_weights: dict[str, float],
 ) -> Problem:
     """alignment_of: written name -> data alignment of the file the tensor lands in (tensor_alignments)."""
     measurements = state.measurements()
     records: dict[str, TensorRecord] = state.tensors()
     tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
-    weight_of = tensor_weights(records, _stored_weights(state, job), tuning)
+    weight_of = tensor_weights(records, group_weights, tuning)
     by_name = source.tensors_by_name
     options = []
     for plan in varied:
@@ -328,11 +332,6 @@ def _problem(
     )
     elements = sum(int(by_name[t.source_name].n_elements) for t in base.tensors)
     return Problem(base, tuple(varied), tuple(options), fixed_cost, elements)
-
-
-def _stored_weights(state: StateFile, job: OptimizeJob) -> dict[str, float]:
-    """The state's calibrated group weights, unless --ignore-tensor-importance."""
-    return {} if job.ignore_importance else state.values("weights")
 
 
 def _header_bytes(source: SourceModel, base: TypePlan, template: WriteRequest) -> int:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from bpwopt.errors import BpwoptError
 from bpwopt.evaluate import evaluate
-from bpwopt.objective import DEPTH_KEY, default_objective
+from bpwopt.objective import DEPTH_KEY
 from bpwopt.optimizer import OptimizeJob, optimize_file
 from bpwopt.state import StateFile, read_identity
 from bpwopt.targets import Target
@@ -81,12 +81,6 @@ def study_name(objective: str, budgets: Sequence[Target], ctx: int, chunks: int,
     return f"{objective}|{','.join(t.describe() for t in budgets)}|ctx{ctx}x{chunks}|seed{seed}"
 
 
-def tuned_classes(job: OptimizeJob) -> tuple[str, ...]:
-    """The tensor classes the optimizer varies for this model (a dry run: it measures what the state lacks)."""
-    report = optimize_file(replace(job, dry_run=True))
-    return tuple(sorted({t.category for t in report.tensors if t.varied}))
-
-
 def tune(
     solve: OptimizeJob,
     budgets: Sequence[Target],
@@ -118,10 +112,10 @@ def tune(
         raise BpwoptError("tuning needs a state file (--state-file): the study and its result are kept beside it")
     model_path, state_path = solve.input_path, solve.state_path
     plan_job = replace(solve, output_path=None, target=budgets[0], record_plan=False, dry_run=False, progress=False)
-    classes = tuned_classes(replace(plan_job, progress=solve.progress))  # may measure: show it
-    with StateFile.open(state_path, read_identity(state_path), create=False) as state:
-        calibrated = {} if solve.ignore_importance else state.values("weights")
-    plan_job = replace(plan_job, objective=solve.objective or default_objective(calibrated))
+    # a dry run measures what the state lacks (shown), and tells which classes vary and the objective solved
+    first = optimize_file(replace(plan_job, dry_run=True, progress=solve.progress))
+    classes = tuple(sorted({t.category for t in first.tensors if t.varied}))
+    plan_job = replace(plan_job, objective=first.objective)
     untuned = {**{c: 1.0 for c in classes}, DEPTH_KEY: 0.0}
     name = study_name(plan_job.objective, budgets, ctx, chunks, seed)
     study = _open_study(storage_path(state_path), name, seed)
