@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gguf
 import numpy as np
 import pytest
 
@@ -53,6 +54,14 @@ def make_rows(kind: str, nrows: int, n_per_row: int, seed: int = 0) -> np.ndarra
     else:
         raise ValueError(kind)
     return rows.astype(np.float32)
+
+
+def save_gguf(writer: gguf.GGUFWriter) -> None:
+    """Write out a GGUF built with gguf's writer: header, metadata, tensors, in the order it requires."""
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
 
 
 def make_imatrix(n_per_row: int, seed: int = 1) -> np.ndarray:

@@ -19,6 +19,7 @@ from bpwopt.model_writer import tensor_rows
 from bpwopt.policy import QuantizeOptions, TensorSpec
 from bpwopt.presets import PRESETS_BY_NAME
 from bpwopt.reference import ggml_quantize
+from tests.conftest import save_gguf
 
 N_EMBD, N_FF, N_PROJ, N_BLOCK, PATCH, IMAGE = 64, 128, 96, 2, 4, 8
 N_POSITIONS = (IMAGE // PATCH) ** 2 + 1  # patches plus the class embedding
@@ -78,10 +79,7 @@ def write_mmproj(path, dtype=np.float16) -> None:
     for name, shape in clip_tensor_shapes().items():
         values = rng.standard_normal(shape).astype(np.float32) * 0.05
         writer.add_tensor(name, values if len(shape) == 1 else values.astype(dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
 
 
 def expected_type(name: str, shape: tuple[int, ...], source: Q, requested: Q) -> Q:

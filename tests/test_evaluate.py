@@ -24,6 +24,7 @@ from bpwopt.pipeline import QuantizeJob, quantize_file
 from bpwopt.policy import QuantizeOptions
 from bpwopt.testbed import BLOCK_STEPS, grid_steps, make_off_grid
 from bpwopt.texts import calibration_text, evaluation_text
+from tests.conftest import save_gguf
 
 pytest.importorskip("llama_cpp")
 
@@ -230,10 +231,7 @@ def _tiny_quantized_gguf(path: Path, tensor_type: GGMLQuantizationType = GGMLQua
         floats = rng.standard_normal((16, 64)).astype(np.float32)
         writer.add_tensor(name, gguf.quants.quantize(floats, ggml_type), raw_dtype=ggml_type)
     writer.add_tensor("blk.0.attn_norm.weight", rng.standard_normal(64).astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
     return path
 
 

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from bpwopt.gguf_reader import LazyGGUFReader
 from bpwopt.gguf_writer import TensorSlot, copied_kv, encode_kv, write_gguf
+from tests.conftest import save_gguf
 
 NON_ASCII = ["", "naïve", "日本語", "🦙 llama", "Ġthe", "<0x0A>", "\x00nul"]
 SCALARS = {  # value type -> (values to store, numpy dtype they are exact in)
@@ -86,10 +87,7 @@ def test_every_value_type_and_tensor_type_reads_as_with_gguf(tmp_path):
     writer.add_tensor("i32", np.arange(-8, 8, dtype=np.int32).reshape(2, 2, 4))
     writer.add_tensor("q8_0", np.arange(2 * 34, dtype=np.uint8).reshape(2, 34), raw_dtype=GGMLQuantizationType.Q8_0)
     writer.add_tensor("q4_k", np.full((1, 144), 3, np.uint8), raw_dtype=GGMLQuantizationType.Q4_K)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
 
     reader = assert_reads_like_gguf(path)
     assert reader.alignment == 64

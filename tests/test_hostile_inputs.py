@@ -37,6 +37,7 @@ import numpy as np
 import pytest
 
 from bpwopt.cli import main
+from tests.conftest import save_gguf
 
 SECONDS_PER_CASE = 5
 ADDRESS_SPACE_LIMIT = 2 << 30
@@ -85,10 +86,7 @@ def tiny_model(path: Path, *, with_tensors: bool = True) -> None:
         writer.add_tensor("blk.0.attn_q.weight", rng.standard_normal((8, 256)).astype(np.float32))
         writer.add_tensor("blk.0.attn_k.weight", rng.standard_normal((8, 256)).astype(np.float16))
         writer.add_tensor("output_norm.weight", np.ones(256, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
 
 
 def gguf_imatrix(path: Path, entries: dict[str, np.ndarray], *, dtype=np.float32, metadata: bool = True) -> None:
@@ -101,10 +99,7 @@ def gguf_imatrix(path: Path, entries: dict[str, np.ndarray], *, dtype=np.float32
     for name, sums in entries.items():
         writer.add_tensor(f"{name}.in_sum2", sums[None, :].astype(dtype))
         writer.add_tensor(f"{name}.counts", np.array([[4.0]], dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
 
 
 IMATRIX_ENTRIES = {

@@ -19,6 +19,7 @@ from bpwopt.gguf_writer import TensorSlot, write_gguf
 from bpwopt.imatrix import check_imatrix_fits, load_imatrix
 from bpwopt.model_writer import WriteRequest, tensor_rows, write_model
 from bpwopt.policy import llama_cpp_order
+from tests.conftest import save_gguf
 
 FTYPE_Q8_0 = 7
 
@@ -129,10 +130,7 @@ def write_gguf_imatrix(path, entries: dict[str, tuple[np.ndarray, np.ndarray]]) 
     for name, (sums, counts) in entries.items():
         writer.add_tensor(f"{name}.in_sum2", sums.astype(np.float32))
         writer.add_tensor(f"{name}.counts", counts.astype(np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
 
 
 def test_gguf_imatrix_is_sums_over_counts_per_expert(tmp_path):

@@ -24,6 +24,7 @@ from bpwopt.plots import (
 from bpwopt.policy import QuantizeOptions
 from bpwopt.state import Measurement, PlanRecord, StateFile, StateIdentity, TensorRecord
 from bpwopt.targets import Target
+from tests.conftest import save_gguf
 
 IDENTITY = StateIdentity(
     model_sha256="ab" * 32,
@@ -188,10 +189,7 @@ def tiny_model(path: Path, seed: int = 0) -> Path:
             writer.add_tensor(f"blk.{layer}.{name}.weight", rng.standard_normal((rows, 256)).astype(np.float32))
         writer.add_tensor(f"blk.{layer}.ffn_down.weight", rng.standard_normal((256, 512)).astype(np.float32))
         writer.add_tensor(f"blk.{layer}.attn_norm.weight", np.ones(256, dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
     return path
 
 

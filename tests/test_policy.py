@@ -54,6 +54,7 @@ from bpwopt.presets import (
     parse_ggml_type_name,
     parse_type_argument,
 )
+from tests.conftest import save_gguf
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -454,10 +455,7 @@ def write_layout(layout: Layout, path: Path) -> Path:
     for name, shape in layout.tensors:
         dtype = np.float32 if len(shape) == 1 else np.float16
         writer.add_tensor(name, np.zeros(tuple(reversed(shape)), dtype))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
     return path
 
 

@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 
 from bpwopt.cli import main
+from tests.conftest import save_gguf
 
 REPO = Path(__file__).resolve().parents[1]
 PREVIOUS = b"the user's previous output"
@@ -120,10 +121,7 @@ def write_model(path: Path, rows: int = 8) -> Path:
     writer.add_tensor("blk.0.attn_q.weight", rng.standard_normal((rows, 256)).astype(np.float32))
     writer.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((rows, 256)).astype(np.float32))
     writer.add_tensor("output_norm.weight", np.ones(256, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    save_gguf(writer)
     return path
 
 
