@@ -11,7 +11,7 @@ starting Python and importing their package. The table gives the best of
 or larger); "of which --dry-run" is the same bpwopt command with --dry-run
 (start, open the input, plan; no quantizing, no writing). It also times
 opening each input in this process, with bpwopt's reader
-(`bpwopt.gguf_reader.LazyGGUFReader`) and with the gguf package's
+(`bpwopt.formats.gguf_reader.LazyGGUFReader`) and with the gguf package's
 `GGUFReader` it replaced.
 
     python benchmarks/dropin.py [--models smollm2,gemma3] [--presets Q4_K_M,Q8_0] [--repeats 3] [--threads 2]
@@ -35,8 +35,8 @@ import llama_cpp
 
 from bpwopt import __version__
 from bpwopt.demo import gemma3_path, smollm2_path
-from bpwopt.gguf_reader import LazyGGUFReader
-from bpwopt.presets import PRESETS_BY_NAME
+from bpwopt.formats.gguf_reader import LazyGGUFReader
+from bpwopt.policy.presets import PRESETS_BY_NAME
 
 MODELS = {"smollm2": smollm2_path, "gemma3": gemma3_path}
 MODEL_LABELS = {"smollm2": "SmolLM2-135M (Q4_1)", "gemma3": "Gemma-3-270M (Q4_K_M)"}

@@ -23,8 +23,8 @@ import numpy as np
 from timing import best_seconds
 
 import bpwopt
-from bpwopt.quant_types import QUANT_TYPES
-from bpwopt.reference import ggml_quantize
+from bpwopt.quant.reference import ggml_quantize
+from bpwopt.quant.types import QUANT_TYPES
 
 _COMPILE_PROBE = (
     "import time; t = time.perf_counter(); import numpy as np, bpwopt; "

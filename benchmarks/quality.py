@@ -1,10 +1,10 @@
 """KL divergence of bpwopt's plans against llama.cpp's presets at the presets' own file sizes.
 
-Every method quantizes from the off-grid F16 base (`bpwopt.testbed`), so no
+Every method quantizes from the off-grid F16 base (`bpwopt.quality.testbed`), so no
 type is favoured by the source's grid. For each preset: the preset itself
 (bpwopt's drop-in, byte-identical to llama-quantize), then bpwopt with each
 method at a file size no larger than the preset's. KLD against the F16 base on
-the evaluation text (`bpwopt.texts`), through llama.cpp.
+the evaluation text (`bpwopt.quality.texts`), through llama.cpp.
 
 Methods:
   wsse         Σ w(x−x̂)², stored weights ignored (w = the imatrix; plain squared error without one)
@@ -30,15 +30,15 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from bpwopt.calibrate import DEFAULT_NOISE, calibrate
 from bpwopt.demo import gemma3_path, smollm2_path
-from bpwopt.evaluate import evaluate
-from bpwopt.optimizer import OptimizeJob, optimize_file
-from bpwopt.pipeline import QuantizeJob, quantize_file
-from bpwopt.targets import Target
-from bpwopt.testbed import make_off_grid
-from bpwopt.texts import evaluation_text
-from bpwopt.tune import tune
+from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.jobs.quantize import QuantizeJob, quantize_file
+from bpwopt.quality.calibrate import DEFAULT_NOISE, calibrate
+from bpwopt.quality.evaluate import evaluate
+from bpwopt.quality.testbed import make_off_grid
+from bpwopt.quality.texts import evaluation_text
+from bpwopt.quality.tune import tune
+from bpwopt.solve.targets import Target
 
 REPO = Path(__file__).resolve().parent.parent
 MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/make_imatrix.sh)

@@ -20,7 +20,7 @@ import numpy as np
 import scipy
 from timing import best_seconds
 
-from bpwopt.solver import TensorOptions, byte_range, solve
+from bpwopt.solve.solver import TensorOptions, byte_range, solve
 
 # ggml types between 2.6 and 16 bits per weight: bytes per block of 256 elements
 BLOCK_BYTES = {

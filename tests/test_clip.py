@@ -13,12 +13,12 @@ import pytest
 from gguf import GGMLQuantizationType as Q
 
 import bpwopt
-from bpwopt.cli import main
-from bpwopt.clip_policy import plan_clip_types
-from bpwopt.model_writer import tensor_rows
-from bpwopt.policy import QuantizeOptions, TensorSpec
-from bpwopt.presets import PRESETS_BY_NAME
-from bpwopt.reference import ggml_quantize
+from bpwopt.cli.main import main
+from bpwopt.policy.clip import plan_clip_types
+from bpwopt.policy.llama import QuantizeOptions, TensorSpec
+from bpwopt.policy.presets import PRESETS_BY_NAME
+from bpwopt.quant.reference import ggml_quantize
+from bpwopt.source.rows import tensor_rows
 from tests.conftest import save_gguf
 
 N_EMBD, N_FF, N_PROJ, N_BLOCK, PATCH, IMAGE = 64, 128, 96, 2, 4, 8

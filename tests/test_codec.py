@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import bpwopt
-from bpwopt.quant_types import QUANT_TYPES
+from bpwopt.quant.types import QUANT_TYPES
 
 TYPE_NAMES = [quant_type.name for quant_type in QUANT_TYPES.values()]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from gguf import GGMLQuantizationType
 
-from bpwopt.cli import _job_from_args, build_quantize_parser, main, parse_quantize_args
+from bpwopt.cli.main import _job_from_args, build_quantize_parser, main, parse_quantize_args
 from bpwopt.errors import BpwoptError
 
 TOML = """\

@@ -35,10 +35,10 @@ import gguf
 import numpy as np
 import pytest
 
-from bpwopt.cli import main
+from bpwopt.cli.main import main
 from bpwopt.errors import BpwoptError
-from bpwopt.gguf_reader import LazyGGUFReader
-from bpwopt.gguf_writer import TensorSlot, temporary_path, write_gguf
+from bpwopt.formats.gguf_reader import LazyGGUFReader
+from bpwopt.formats.gguf_writer import TensorSlot, temporary_path, write_gguf
 
 KILLS = int(os.environ.get("BPWOPT_KILLS", "8"))
 KILL_SECONDS = float(os.environ.get("BPWOPT_KILL_SECONDS", str(15 * KILLS)))

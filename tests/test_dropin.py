@@ -18,11 +18,11 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from bpwopt.cli import main
+from bpwopt.cli.main import main
 from bpwopt.demo import gemma3_path, smollm2_path
-from bpwopt.gguf_reader import LazyGGUFReader
-from bpwopt.model_writer import tensor_rows
-from bpwopt.presets import PRESETS_BY_NAME
+from bpwopt.formats.gguf_reader import LazyGGUFReader
+from bpwopt.policy.presets import PRESETS_BY_NAME
+from bpwopt.source.rows import tensor_rows
 
 PRESETS = ["Q4_0", "Q5_1", "Q8_0", "Q3_K_M", "Q4_K_M", "Q6_K", "IQ4_XS"]
 MODELS: dict[str, Callable[[], Path]] = {"smollm2": smollm2_path, "gemma3": gemma3_path}

@@ -14,16 +14,16 @@ import numpy as np
 import pytest
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from bpwopt import evaluate as evaluate_module
 from bpwopt.errors import BpwoptError
-from bpwopt.evaluate import evaluate
-from bpwopt.gguf_writer import TensorSlot, copied_kv, encode_kv, write_gguf
-from bpwopt.imatrix import check_imatrix_fits, load_imatrix
-from bpwopt.model_writer import rows_to_float, tensor_rows
-from bpwopt.pipeline import QuantizeJob, quantize_file
-from bpwopt.policy import QuantizeOptions
-from bpwopt.testbed import BLOCK_STEPS, grid_steps, make_off_grid
-from bpwopt.texts import calibration_text, evaluation_text
+from bpwopt.formats.gguf_writer import TensorSlot, copied_kv, encode_kv, write_gguf
+from bpwopt.formats.imatrix import check_imatrix_fits, load_imatrix
+from bpwopt.jobs.quantize import QuantizeJob, quantize_file
+from bpwopt.policy.llama import QuantizeOptions
+from bpwopt.quality import evaluate as evaluate_module
+from bpwopt.quality.evaluate import evaluate
+from bpwopt.quality.testbed import BLOCK_STEPS, grid_steps, make_off_grid
+from bpwopt.quality.texts import calibration_text, evaluation_text
+from bpwopt.source.rows import rows_to_float, tensor_rows
 from tests.conftest import save_gguf
 
 pytest.importorskip("llama_cpp")

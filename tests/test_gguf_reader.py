@@ -17,8 +17,8 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpwopt.gguf_reader import LazyGGUFReader
-from bpwopt.gguf_writer import TensorSlot, copied_kv, encode_kv, write_gguf
+from bpwopt.formats.gguf_reader import LazyGGUFReader
+from bpwopt.formats.gguf_writer import TensorSlot, copied_kv, encode_kv, write_gguf
 from tests.conftest import save_gguf
 
 NON_ASCII = ["", "naïve", "日本語", "🦙 llama", "Ġthe", "<0x0A>", "\x00nul"]

@@ -36,7 +36,7 @@ import gguf
 import numpy as np
 import pytest
 
-from bpwopt.cli import main
+from bpwopt.cli.main import main
 from tests.conftest import save_gguf
 
 SECONDS_PER_CASE = 5

@@ -10,8 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpwopt
-from bpwopt.imatrix import Imatrix
-from bpwopt.measure import (
+from bpwopt.formats.imatrix import Imatrix
+from bpwopt.measure.measure import (
     DEFAULT_CANDIDATES,
     Sampling,
     candidate_types,
@@ -20,7 +20,7 @@ from bpwopt.measure import (
     measure_type,
     sample_rows,
 )
-from bpwopt.quant_types import get_quant_type
+from bpwopt.quant.types import get_quant_type
 
 
 def test_row_length_of_256_takes_every_candidate():

@@ -15,10 +15,11 @@ import pytest
 from gguf import GGMLQuantizationType as T
 
 from bpwopt.errors import BpwoptError
-from bpwopt.gguf_writer import TensorSlot, write_gguf
-from bpwopt.imatrix import check_imatrix_fits, load_imatrix
-from bpwopt.model_writer import WriteRequest, tensor_rows, write_model
-from bpwopt.policy import llama_cpp_order
+from bpwopt.formats.gguf_writer import TensorSlot, write_gguf
+from bpwopt.formats.imatrix import check_imatrix_fits, load_imatrix
+from bpwopt.policy.llama import llama_cpp_order
+from bpwopt.source.rows import tensor_rows
+from bpwopt.write.model_writer import WriteRequest, write_model
 from tests.conftest import save_gguf
 
 FTYPE_Q8_0 = 7
@@ -102,7 +103,7 @@ import resource, signal, sys
 import numpy as np
 from gguf import GGMLQuantizationType as T
 from bpwopt.errors import BpwoptError
-from bpwopt.gguf_writer import TensorSlot, write_gguf
+from bpwopt.formats.gguf_writer import TensorSlot, write_gguf
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
 try:

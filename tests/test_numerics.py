@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpwopt.kernels import floats, rows
-from bpwopt.kernels.numerics import fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_int, roundf
-from bpwopt.reference import ggml_quantize
+from bpwopt.quant.kernels import floats, rows
+from bpwopt.quant.kernels.numerics import fp16_bits_to_fp32, fp32_to_fp16_bits, nearest_int, roundf
+from bpwopt.quant.reference import ggml_quantize
 
 finite_float32 = st.floats(width=32, allow_nan=False, allow_infinity=False)
 

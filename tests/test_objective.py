@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from bpwopt.errors import BpwoptError
-from bpwopt.objective import OBJECTIVES, check_objective, default_objective, option_errors
-from bpwopt.state import Measurement, TensorRecord
+from bpwopt.solve.objective import OBJECTIVES, check_objective, default_objective, option_errors
+from bpwopt.state.store import Measurement, TensorRecord
 
 RECORD = TensorRecord("blk.3.ffn_down.weight", (1536, 576), 884_736, "F16", "ffn_down", 3, 50.0, 40.0)
 

@@ -17,11 +17,11 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from bpwopt.cli import main
-from bpwopt.measure import Sampling
-from bpwopt.optimizer import OptimizeJob, optimize_file
-from bpwopt.policy import QuantizeOptions
-from bpwopt.targets import Target
+from bpwopt.cli.main import main
+from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.measure.measure import Sampling
+from bpwopt.policy.llama import QuantizeOptions
+from bpwopt.solve.targets import Target
 
 SAMPLE = ["--sample-rows", "64"]  # every SmolLM2 tensor sampled: a full measurement in ~20 s on 2 cores
 

@@ -9,11 +9,12 @@ import gguf
 import numpy as np
 import pytest
 
-from bpwopt.cli import main
+from bpwopt.cli.main import main
 from bpwopt.errors import BpwoptError
-from bpwopt.measure import Sampling
-from bpwopt.optimizer import OptimizeJob, optimize_file
-from bpwopt.plots import (
+from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.measure.measure import Sampling
+from bpwopt.policy.llama import QuantizeOptions
+from bpwopt.quality.plots import (
     parse_formats,
     plot_plan_bits,
     plot_state,
@@ -21,9 +22,8 @@ from bpwopt.plots import (
     plot_tradeoff,
     read_plot_data,
 )
-from bpwopt.policy import QuantizeOptions
-from bpwopt.state import Measurement, PlanRecord, StateFile, StateIdentity, TensorRecord
-from bpwopt.targets import Target
+from bpwopt.solve.targets import Target
+from bpwopt.state.store import Measurement, PlanRecord, StateFile, StateIdentity, TensorRecord
 from tests.conftest import save_gguf
 
 IDENTITY = StateIdentity(

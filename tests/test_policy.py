@@ -1,4 +1,4 @@
-"""bpwopt.presets and bpwopt.policy, checked against llama.cpp's own quantizer.
+"""bpwopt.policy.presets and bpwopt.policy.llama, checked against llama.cpp's own quantizer.
 
 The oracle is llama_model_quantize from llama-cpp-python: it writes a GGUF into
 a temporary folder and gguf's reader reads the types back, in file order. The
@@ -29,7 +29,7 @@ from gguf import GGMLQuantizationType as Q
 from gguf import GGUFReader
 
 from bpwopt.errors import BpwoptError
-from bpwopt.policy import (
+from bpwopt.policy.llama import (
     Category,
     ModelInfo,
     QuantizeOptions,
@@ -46,7 +46,7 @@ from bpwopt.policy import (
     tensor_allows_quantization,
     tensor_category,
 )
-from bpwopt.presets import (
+from bpwopt.policy.presets import (
     PRESETS,
     PRESETS_BY_NAME,
     Ftype,

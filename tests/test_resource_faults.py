@@ -27,7 +27,7 @@ import gguf
 import numpy as np
 import pytest
 
-from bpwopt.cli import main
+from bpwopt.cli.main import main
 from tests.conftest import save_gguf
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +37,7 @@ OPTIMIZE = ["--quiet", "--target-bpw", "6"]
 # The child: sets up the fault named by argv[1], then runs `bpwopt ARGV[2:]` and exits with its status.
 CHILD = textwrap.dedent("""
     import ctypes, os, resource, signal, sys
-    from bpwopt.cli import main
+    from bpwopt.cli.main import main
     fault, argv = sys.argv[1], sys.argv[2:]
     if fault == "read-only":  # root writes anywhere: drop CAP_DAC_OVERRIDE so that it obeys modes as a user does
         header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
@@ -51,7 +51,7 @@ CHILD = textwrap.dedent("""
         limit = int(fault.removeprefix("file-size="))
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     elif fault.startswith("pause-before="):  # wait for the parent before reading this tensor
-        import bpwopt.measure, bpwopt.model_writer
+        import bpwopt.measure.measure, bpwopt.write.model_writer
         name = fault.removeprefix("pause-before=")
         def pausing(original):
             def wrapper(tensor, *args):
@@ -60,17 +60,17 @@ CHILD = textwrap.dedent("""
                     sys.stdin.readline()
                 return original(tensor, *args)
             return wrapper
-        bpwopt.model_writer._converted_pieces = pausing(bpwopt.model_writer._converted_pieces)
-        bpwopt.measure.load_rows = pausing(bpwopt.measure.load_rows)
+        bpwopt.write.model_writer._converted_pieces = pausing(bpwopt.write.model_writer._converted_pieces)
+        bpwopt.measure.measure.load_rows = pausing(bpwopt.measure.measure.load_rows)
     elif fault == "pause-in-read":  # wait for the parent in the middle of reading a 512-row tensor
-        import bpwopt.measure, bpwopt.model_writer
-        original = bpwopt.model_writer.rows_to_float
+        import bpwopt.measure.measure, bpwopt.write.model_writer
+        original = bpwopt.write.model_writer.rows_to_float
         def pausing(raw_rows, source_type):
             if raw_rows.shape[0] >= 512:
                 print("paused", flush=True)
                 sys.stdin.readline()
             return original(raw_rows, source_type)
-        bpwopt.model_writer.rows_to_float = bpwopt.measure.rows_to_float = pausing
+        bpwopt.write.model_writer.rows_to_float = bpwopt.measure.measure.rows_to_float = pausing
     sys.exit(main(argv))
 """)
 

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpwopt.errors import BpwoptError
-from bpwopt.solver import TensorOptions, byte_range, lower_convex_hull, solve
+from bpwopt.solve.solver import TensorOptions, byte_range, lower_convex_hull, solve
 
 
 def tensor(name: str, nbytes, error) -> TensorOptions:

@@ -20,12 +20,13 @@ import numpy as np
 import pytest
 from gguf import GGUFValueType
 
-from bpwopt import calibrate, gguf_writer
-from bpwopt.cli import main
+from bpwopt.cli.main import main
 from bpwopt.errors import BpwoptError
-from bpwopt.gguf_writer import GGUFLayout, TensorSlot, copied_kv, encode_kv, write_gguf, write_gguf_files
-from bpwopt.model_writer import tensor_rows
-from bpwopt.splits import open_model, split_path
+from bpwopt.formats import gguf_writer
+from bpwopt.formats.gguf_writer import GGUFLayout, TensorSlot, copied_kv, encode_kv, write_gguf, write_gguf_files
+from bpwopt.formats.splits import open_model, split_path
+from bpwopt.quality import calibrate
+from bpwopt.source.rows import tensor_rows
 from tests.test_dropin import assert_same_file, llama_quantize
 
 TENSORS_PER_SHARD = 100

@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 
 from bpwopt.errors import BpwoptError
-from bpwopt.state import (
+from bpwopt.formats.files import file_sha256
+from bpwopt.state.store import (
     Measurement,
     PlanRecord,
     StateFile,
     StateIdentity,
     TensorRecord,
     default_state_path,
-    file_sha256,
     read_identity,
 )
 
@@ -225,7 +225,7 @@ def test_a_directory_is_not_a_state_file(tmp_path):
 def test_measurements_survive_kill_9_right_after_they_are_added(state_path):
     killed = run_python(f"""
         import os, signal
-        from bpwopt.state import Measurement, StateFile, StateIdentity, TensorRecord
+        from bpwopt.state.store import Measurement, StateFile, StateIdentity, TensorRecord
         state = StateFile.open({str(state_path)!r}, {IDENTITY!r})
         state.add_tensors([TensorRecord(f"t{{i}}", (256,), 256, "F32", "other", None, 1.0, 1.0) for i in range(10)])
         for i in range(40):
@@ -247,7 +247,7 @@ def test_a_second_process_is_refused_while_the_state_is_open(state_path):
     holder = run_python(
         f"""
         import sys
-        from bpwopt.state import StateFile, StateIdentity
+        from bpwopt.state.store import StateFile, StateIdentity
         with StateFile.open({str(state_path)!r}, {IDENTITY!r}):
             print("open", flush=True)
             sys.stdin.readline()
@@ -273,7 +273,7 @@ def test_a_read_only_directory_is_refused(tmp_path):
         attempt = run_python(f"""
             import ctypes, os
             from bpwopt.errors import BpwoptError
-            from bpwopt.state import StateFile, StateIdentity
+            from bpwopt.state.store import StateFile, StateIdentity
             if os.geteuid() == 0:  # root writes anywhere: drop CAP_DAC_OVERRIDE so that it obeys modes as a user does
                 header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
                 caps = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) × two 32-bit words

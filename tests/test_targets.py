@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from bpwopt.cli import Positionals, parse_candidates, parse_positionals
+from bpwopt.cli.main import Positionals, parse_candidates, parse_positionals
 from bpwopt.errors import BpwoptError
-from bpwopt.targets import Target, parse_size
+from bpwopt.solve.targets import Target, parse_size
 
 
 @pytest.mark.parametrize(

@@ -9,14 +9,14 @@ from dataclasses import replace
 import gguf
 import pytest
 
-from bpwopt.cli import main
-from bpwopt.measure import Sampling
-from bpwopt.objective import DEPTH_KEY, tuned_factor
-from bpwopt.optimizer import OptimizeJob, optimize_file
-from bpwopt.policy import QuantizeOptions
-from bpwopt.state import StateFile, TensorRecord, read_identity
-from bpwopt.targets import Target
-from bpwopt.tune import storage_path, tune
+from bpwopt.cli.main import main
+from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.measure.measure import Sampling
+from bpwopt.policy.llama import QuantizeOptions
+from bpwopt.quality.tune import storage_path, tune
+from bpwopt.solve.objective import DEPTH_KEY, tuned_factor
+from bpwopt.solve.targets import Target
+from bpwopt.state.store import StateFile, TensorRecord, read_identity
 
 Q = gguf.GGMLQuantizationType
 CANDIDATES = (Q.Q4_0, Q.Q5_0, Q.Q8_0)  # few types: measuring the demo stays fast

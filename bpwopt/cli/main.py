@@ -1,0 +1,525 @@
+"""Command line: parses arguments, calls the pipeline functions, prints.
+
+No algorithm lives here. A BpwoptError (something the user can fix) becomes
+one line on stderr and exit status 1; argparse's own usage errors exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numba
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from bpwopt import __version__
+from bpwopt.cli.config import config_argv
+from bpwopt.errors import BpwoptError
+from bpwopt.formats.splits import SPLIT_KEYS
+from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.jobs.quantize import QuantizeJob, quantize_file
+from bpwopt.jobs.report import describe_written, format_plan, report_as_dict
+from bpwopt.measure.measure import DEFAULT_CANDIDATES, Sampling
+from bpwopt.policy.llama import QuantizeOptions, parse_tensor_type_option
+from bpwopt.policy.presets import PRESETS_BY_NAME, format_presets_help, parse_ggml_type_name
+from bpwopt.quality.calibrate import DEFAULT_CHUNKS, DEFAULT_NOISE, calibrate, format_report
+from bpwopt.quality.calibrate import DEFAULT_CTX as CALIBRATION_CTX
+from bpwopt.quality.evaluate import evaluate, record_evaluation
+from bpwopt.quality.texts import evaluation_text
+from bpwopt.quality.tune import DEFAULT_CHUNKS as TUNE_CHUNKS
+from bpwopt.quality.tune import DEFAULT_CTX as TUNE_CTX
+from bpwopt.quality.tune import DEFAULT_TRIALS, tune
+from bpwopt.quality.tune import format_report as format_tune_report
+from bpwopt.quant.types import QUANT_TYPES
+from bpwopt.solve.objective import DEFAULT_GROUPING, DEFAULT_OBJECTIVE, GROUPINGS, OBJECTIVES
+from bpwopt.solve.targets import Target, parse_size
+from bpwopt.source.summary import format_summary, inspect_gguf, summary_as_dict
+
+OBJECTIVE_HELP = (
+    f"what the solver minimizes (default: relative once `bpwopt calibrate` stored group weights, else "
+    f"{DEFAULT_OBJECTIVE})"
+)
+SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
+_DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
+_TARGET_HELP = (
+    "With --target-bpw or --target-size, bpwopt measures the error every candidate type adds to every "
+    "tensor and picks the types that hit the budget with the least error; TYPE is then optional and is the "
+    "preset the plan is compared with."
+)
+_OVERRIDE_TYPES = {
+    "int": (GGUFValueType.UINT32, lambda text: _uint32(abs(int(text)))),  # llama.cpp writes ints as u32
+    "float": (GGUFValueType.FLOAT32, float),
+    "bool": (GGUFValueType.BOOL, lambda text: {"true": True, "false": False}[text]),
+    "str": (GGUFValueType.STRING, str),
+}
+
+
+def _inspect(args: argparse.Namespace) -> None:
+    summary = inspect_gguf(args.file)
+    if args.json:
+        print(json.dumps(summary_as_dict(summary), indent=2))
+    else:
+        print(format_summary(summary, per_tensor=args.tensors))
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    text = _read_text(args.text) if args.text else evaluation_text()
+    result = evaluate(args.base, args.quant, text, ctx=args.ctx, chunks=args.chunks, threads=args.threads)
+    if args.state_file:
+        record_evaluation(args.state_file, args.quant, result, text)
+    if args.json:
+        print(json.dumps(result.as_dict(), indent=2))
+        return
+    print(
+        f"{args.quant}: mean KLD {result.mean_kld:.6f} ± {result.mean_kld_stderr:.6f}, median {result.median_kld:.6f}, "
+        f"p99 {result.p99_kld:.6f}, max {result.max_kld:.4f}; same top token {100 * result.same_top_rate:.2f} %; "
+        f"PPL {result.ppl_quant:.4f} (base {result.ppl_base:.4f}); {result.tokens} tokens, {result.seconds:.1f} s"
+    )
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from bpwopt.quality.plots import parse_formats, plot_state  # matplotlib loads only for this subcommand
+
+    written, skipped = plot_state(
+        args.state, args.out, args.model, plan_id=args.plan, formats=parse_formats(args.format),
+        objective=args.objective,
+    )  # fmt: skip
+    for line in skipped:
+        print(f"bpwopt: skipped {line}", file=sys.stderr)
+    for path in written:
+        print(path)
+
+
+def _calibrate(args: argparse.Namespace) -> None:
+    report = calibrate(
+        args.model, args.state_file, imatrix_path=args.imatrix, grouping=args.groups, noise=args.noise,
+        chunks=args.chunks, ctx=args.ctx, only=args.only.split(",") if args.only else None, seed=args.seed,
+        fresh=args.fresh, threads=args.threads, progress=not args.quiet,
+    )  # fmt: skip
+    if args.json:
+        print(json.dumps({"noise": report.noise, "chunks": report.chunks, "ctx": report.ctx, "weights": report.weights,
+                          "groups": [vars(g) for g in report.groups]}, indent=2))  # fmt: skip
+        return
+    print(format_report(report))
+    print(f"bpwopt: stored {len(report.weights)} group weights in {args.state_file}; later solves use them "
+          "(--ignore-tensor-importance to solve without)", file=sys.stderr)  # fmt: skip
+
+
+def _tune(args: argparse.Namespace) -> None:
+    budgets = [Target(bits_per_weight=bpw) for bpw in args.target_bpw or ()]
+    budgets += [Target(file_bytes=parse_size(size)) for size in args.target_size or ()]
+    if not budgets:
+        raise BpwoptError("give at least one budget to tune at: --target-bpw BPW... or --target-size SIZE...")
+    solve = OptimizeJob(
+        input_path=args.model, output_path=None, target=budgets[0],
+        options=QuantizeOptions(allow_requantize=args.allow_requantize), imatrix_path=args.imatrix,
+        candidates=parse_candidates(args.candidates), sampling=Sampling(max_rows=args.sample_rows),
+        state_path=args.state_file, objective=args.objective, threads=args.threads, progress=not args.quiet,
+    )  # fmt: skip
+    report = tune(
+        solve, budgets, trials=args.trials, ctx=args.ctx, chunks=args.chunks, seed=args.seed, progress=not args.quiet
+    )
+    if args.json:
+        summary = {"study": report.study_name, "storage": str(report.storage), "trials": len(report.trials),
+                   "budgets": [b.describe() for b in report.budgets]}  # fmt: skip
+        trials = {"untuned": vars(report.untuned), "best": vars(report.best), "chosen": vars(report.chosen)}
+        print(json.dumps(summary | trials, indent=2))
+        return
+    print(format_tune_report(report))
+    print(f"bpwopt: stored the best factors in {args.state_file}; later solves use them "
+          "(--ignore-tensor-importance to solve without)", file=sys.stderr)  # fmt: skip
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise BpwoptError(f"cannot read text {path}: {error}") from None
+
+
+def _uint32(value: int) -> int:
+    if value >= 2**32:
+        raise BpwoptError(f"--override-kv: {value} does not fit in the 32 bits llama.cpp writes an int in")
+    return value
+
+
+def parse_override_kv(text: str) -> tuple[str, tuple[GGUFValueType, object]]:
+    """--override-kv KEY=TYPE:VALUE, TYPE one of int, float, bool, str (llama.cpp's spelling)."""
+    key, _, rest = text.partition("=")
+    kind, _, value = rest.partition(":")
+    if not key or kind not in _OVERRIDE_TYPES:
+        raise BpwoptError(f"--override-kv {text!r}: expected KEY=TYPE:VALUE with TYPE one of int, float, bool, str")
+    if key == "general.alignment" or key in SPLIT_KEYS:  # the files' layout and naming; another value mislabels them
+        raise BpwoptError(f"--override-kv {text!r}: {key} cannot be overridden")
+    value_type, convert = _OVERRIDE_TYPES[kind]
+    try:
+        return key, (value_type, convert(value))
+    except (ValueError, KeyError) as error:
+        raise BpwoptError(f"--override-kv {text!r}: {value!r} is not a valid {kind}") from error
+
+
+def build_quantize_parser() -> argparse.ArgumentParser:
+    """llama-quantize's command line, same spellings and meanings."""
+    parser = argparse.ArgumentParser(
+        prog="bpwopt",
+        usage=(
+            "bpwopt [options] IN.gguf [OUT.gguf] TYPE [THREADS]\n"
+            "       bpwopt [options] --target-size SIZE | --target-bpw X IN.gguf [OUT.gguf] [TYPE] [THREADS]\n"
+            "       bpwopt inspect FILE"
+        ),
+        description="Quantize a GGUF model as llama-quantize does (drop-in). Subcommands: inspect.",
+        epilog="TYPE (name or number):\n" + format_presets_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"bpwopt {__version__}")
+    add = parser.add_argument
+    add(
+        "--config", metavar="FILE", type=Path,
+        help="options from a .toml, .yaml or .yml file: keys are the long option names below (- or _), plus "
+        "input, output, type for IN.gguf, OUT.gguf, TYPE; flags true/false, repeatable options a list. Options given "
+        "here win; a repeatable one given here (--tensor-type, --ignore, --override-kv, --include-weights, "
+        "--exclude-weights) replaces the file's list; IN [OUT] [TYPE] given here replace input, output and type",
+    )  # fmt: skip
+    add("--allow-requantize", action="store_true", help="allow requantizing tensors that are already quantized")
+    add("--leave-output-tensor", action="store_true", help="leave output.weight un(re)quantized")
+    add("--pure", action="store_true", help="disable k-quant mixtures: all tensors to the same type")
+    add("--imatrix", metavar="FILE", type=Path, help="importance matrix (llama-imatrix's GGUF or legacy .dat)")
+    add("--include-weights", metavar="NAME", action="append", default=[], help="use the imatrix only for these")
+    add("--exclude-weights", metavar="NAME", action="append", default=[], help="do not use the imatrix for these")
+    add("--output-tensor-type", metavar="TYPE", help="ggml type for output.weight")
+    add("--token-embedding-type", metavar="TYPE", help="ggml type for the token embeddings")
+    add("--tensor-type", metavar="NAME=TYPE", action="append", default=[], help="type for matching tensors")
+    add("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[], help="override metadata")
+    add("--prune-layers", metavar="L0,L1,...", help="remove these layers; later ones are renumbered")
+    add("--keep-split", action="store_true", help="write the output in the same shards as the input")
+    add("--dry-run", action="store_true", help="print the sizes (with a target: the plan), write nothing")
+    add("--quiet", action="store_true", help="no progress bar")
+    add("--threads", type=int, metavar="N", help="threads for quantizing and measuring (default: all cores)")
+    target = parser.add_argument_group("optimizer (bpwopt's own)", _TARGET_HELP)
+    add = target.add_argument
+    add("--target-bpw", type=float, metavar="X", help="at most X bits per weight (tensor data / elements)")
+    add("--target-size", metavar="SIZE", help="at most SIZE for the whole file: 1.5gb, 1500MB, 800MiB, 2G, bytes")
+    add("--save-state", action="store_true", help="keep measurements in state/<model>-<hash>-mse.bpw_state")
+    add("--state-file", metavar="FILE", type=Path, help="load measurements from and save them to FILE")
+    add("--candidates", metavar="T1,T2,...", help="candidate types (default: " + ",".join(_DEFAULT_NAMES) + ")")
+    add("--ignore", metavar="REGEX", action="append", default=[], help="matching tensors keep their source type")
+    add("--objective", choices=OBJECTIVES, help=OBJECTIVE_HELP)
+    add("--ignore-tensor-importance", action="store_true", help="do not apply stored per-group weights")
+    add("--precise", action="store_true", help="measure every row of every tensor (no sampling)")
+    add("--sample-rows", type=int, default=Sampling.max_rows, metavar="N", help="rows measured per large tensor")
+    add("--seed", type=int, default=0, help="seed of the row sample")
+    add("--time-limit", type=float, default=10.0, metavar="S", help="seconds for the exact solver stage")
+    add("--json", action="store_true", help="machine-readable summary on stdout")
+    # "*", not "+": a --config file may hold them; parse_quantize_args requires them after merging it
+    parser.add_argument("positionals", nargs="*", metavar="IN.gguf [OUT.gguf] [TYPE] [THREADS]")
+    return parser
+
+
+def parse_quantize_args(argv: list[str]) -> argparse.Namespace:
+    """The main command's arguments, a --config file's merged in under the command line's."""
+    parser = build_quantize_parser()
+    args = parser.parse_args(argv)
+    if args.config is not None:
+        args = parser.parse_args(config_argv(parser, argv, args))
+    if not args.positionals:
+        parser.error("the following arguments are required: IN.gguf [OUT.gguf] [TYPE] [THREADS]")
+    return args
+
+
+@dataclass(frozen=True)
+class Positionals:
+    input_path: Path
+    output_path: Path | None
+    type_text: str | None
+    threads: int | None
+
+
+def parse_positionals(positionals: list[str], has_target: bool) -> Positionals:
+    """IN [OUT] TYPE [THREADS] as llama-quantize reads them.
+
+    With a target TYPE is optional, and a lone integer after IN (and OUT) is THREADS.
+    """
+    rest = list(positionals)
+    usage = "IN.gguf [OUT.gguf] [TYPE] [THREADS]" if has_target else "IN.gguf [OUT.gguf] TYPE [THREADS]"
+    if not 1 + (not has_target) <= len(rest) <= 4:
+        raise BpwoptError(f"expected {usage}")
+    input_path = Path(rest.pop(0))
+    output_path = None
+    if len(rest) == 3 or (rest and not _looks_like_type(rest[0]) and (has_target or len(rest) == 2)):
+        output_path = Path(rest.pop(0))
+    type_text = None
+    if rest and not (has_target and len(rest) == 1 and rest[0].isdigit()):
+        type_text = rest.pop(0)
+    if type_text is None and not has_target:
+        raise BpwoptError(f"expected {usage}")
+    threads = None
+    if rest:
+        try:
+            threads = int(rest.pop(0))
+        except ValueError as error:
+            raise BpwoptError(f"invalid THREADS {error.args[0]}") from error
+    return Positionals(input_path, output_path, type_text, threads)
+
+
+def _options_from_args(args: argparse.Namespace) -> QuantizeOptions:
+    if args.include_weights and args.exclude_weights:
+        raise BpwoptError("--include-weights and --exclude-weights cannot be used together")
+    return QuantizeOptions(
+        pure=args.pure,
+        leave_output_tensor=args.leave_output_tensor,
+        output_tensor_type=parse_ggml_type_name(args.output_tensor_type) if args.output_tensor_type else None,
+        token_embedding_type=parse_ggml_type_name(args.token_embedding_type) if args.token_embedding_type else None,
+        tensor_types=tuple(parse_tensor_type_option(text) for text in args.tensor_type),
+        allow_requantize=args.allow_requantize,
+        prune_layers=_prune_list(args.prune_layers),
+        include_weights=tuple(args.include_weights),
+        exclude_weights=tuple(args.exclude_weights),
+        ignore=tuple(args.ignore),
+        keep_split=args.keep_split,
+    )
+
+
+def _prune_list(text: str | None) -> tuple[int, ...]:
+    if not text:
+        return ()
+    try:
+        layers = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        layers = (-1,)
+    if min(layers) < 0:  # llama-quantize's parse_layer_prune refuses what is not a layer number
+        raise BpwoptError(f"invalid --prune-layers {text!r}; expected comma-separated layer numbers")
+    return layers
+
+
+def parse_candidates(text: str | None) -> tuple[GGMLQuantizationType, ...]:
+    """--candidates Q3_K,Q4_K,…: types bpwopt has kernels for, case-insensitive."""
+    if text is None:
+        return DEFAULT_CANDIDATES
+    chosen = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        ggml_type = parse_ggml_type_name(name)
+        if ggml_type not in QUANT_TYPES:
+            supported = ", ".join(t.name for t in QUANT_TYPES)
+            raise BpwoptError(f"--candidates: bpwopt cannot produce {ggml_type.name}; supported: {supported}")
+        chosen.append(ggml_type)
+    if not chosen:
+        raise BpwoptError("--candidates: give at least one type, e.g. Q4_K,Q6_K")
+    return tuple(dict.fromkeys(chosen))
+
+
+def _target_from_args(args: argparse.Namespace) -> Target | None:
+    if args.target_bpw is None and args.target_size is None:
+        return None
+    if args.target_bpw is not None and args.target_size is not None:
+        raise BpwoptError("give only one of --target-bpw and --target-size")
+    if args.target_size is not None:
+        return Target(file_bytes=parse_size(args.target_size))
+    return Target(bits_per_weight=args.target_bpw)
+
+
+def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
+    target = _target_from_args(args)
+    where = parse_positionals(args.positionals, has_target=target is not None)
+    common = {
+        "input_path": where.input_path,
+        "output_path": where.output_path,
+        "options": _options_from_args(args),
+        "imatrix_path": args.imatrix,
+        "overrides": dict(parse_override_kv(text) for text in args.override_kv),
+        "dry_run": args.dry_run,
+        "progress": not args.quiet and not args.json,
+    }
+    if target is None:
+        return QuantizeJob(type_text=where.type_text, threads=where.threads, **common)
+    if not (math.isfinite(args.time_limit) and args.time_limit >= 0):
+        raise BpwoptError(f"invalid --time-limit {args.time_limit}: expected a number of seconds, 0 or more")
+    return OptimizeJob(
+        target=target,
+        type_text=where.type_text,
+        candidates=parse_candidates(args.candidates),
+        sampling=Sampling(max_rows=args.sample_rows, seed=args.seed, precise=args.precise),
+        state_path=args.state_file,
+        save_state=args.save_state,
+        objective=args.objective,
+        ignore_importance=args.ignore_tensor_importance,
+        time_limit=args.time_limit,
+        threads=args.threads or where.threads,
+        **common,
+    )
+
+
+def _looks_like_type(text: str) -> bool:
+    """Whether llama-quantize would read this positional as TYPE rather than OUT."""
+    return text.upper() in PRESETS_BY_NAME or text.isdigit()
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        numba.set_num_threads(max(1, min(threads, numba.config.NUMBA_NUM_THREADS)))
+
+
+def _quantize(args: argparse.Namespace) -> None:
+    job = _job_from_args(args)
+    if isinstance(job, OptimizeJob):
+        _optimize(job, args.json)
+        return
+    _set_threads(job.threads or args.threads)
+    report = quantize_file(job)
+    log = sys.stderr
+    print(f"bpwopt: {report.type_reading}", file=log)
+    print(f"bpwopt: {report.plan.n_fallback} of {len(report.plan.tensors)} tensors required fallback types", file=log)
+    print(
+        f"bpwopt: model size {report.input_bytes / 2**20:.2f} MiB, quant size {report.output_data_bytes / 2**20:.2f} "
+        f"MiB ({report.bits_per_weight:.2f} BPW)",
+        file=log,
+    )
+    if report.output_path is not None:
+        print(f"bpwopt: wrote {describe_written(report.output_path, report.shards, report.file_bytes)}", file=log)
+
+
+def _optimize(job: OptimizeJob, as_json: bool) -> None:
+    _set_threads(job.threads)
+    report = optimize_file(job)
+    if as_json:
+        print(json.dumps(report_as_dict(report), indent=2))
+        return
+    print(format_plan(report, per_tensor=job.dry_run), file=sys.stdout if job.dry_run else sys.stderr)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="bpwopt",
+        description="Per-tensor quantization types for a GGUF model under a size or bpw budget.",
+    )
+    parser.add_argument("--version", action="version", version=f"bpwopt {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    inspect = commands.add_parser(
+        "inspect", help="tensors, types, bytes and bits per weight of any GGUF, per layer and in total"
+    )
+    inspect.add_argument("file", help="a GGUF file")
+    inspect.add_argument("--tensors", action="store_true", help="also list every tensor")
+    inspect.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    inspect.set_defaults(run=_inspect)
+    evaluation = commands.add_parser(
+        "eval",
+        help="KL divergence, same-top-token rate and perplexity of QUANT against BASE (llama.cpp runtime)",
+        description="KL divergence of QUANT's token distributions against BASE's, as llama-perplexity "
+        "--kl-divergence measures it; BASE's log-probabilities are cached on disk.",
+    )
+    evaluation.add_argument("base", type=Path, help="the unquantized (or reference) GGUF")
+    evaluation.add_argument("quant", type=Path, help="the quantized GGUF")
+    evaluation.add_argument("--text", type=Path, help="UTF-8 text file (default: bpwopt's evaluation text)")
+    evaluation.add_argument("--ctx", type=int, default=512, help="window length in tokens (default 512)")
+    evaluation.add_argument("--chunks", type=int, help="windows to evaluate (default: as many as the cache allows)")
+    evaluation.add_argument("--threads", type=int, help="llama.cpp threads")
+    evaluation.add_argument("--state-file", type=Path, help="also store the result in this state file")
+    evaluation.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    evaluation.set_defaults(run=_evaluate)
+    plot = commands.add_parser(
+        "plot",
+        help="plots of a state file: error/size trade-off, a plan's bits per layer and class, per-tensor errors",
+        description="Draw the error/size trade-off the solver sees (llama.cpp presets, stored plans and measured "
+        "KLD marked), a plan's bits per layer and tensor class, and every tensor's error against bpw. "
+        "Writes tradeoff.*, plan-<ID>-bits.* and tensor-errors.* into DIR and prints their paths.",
+    )
+    plot.add_argument("state", type=Path, help="a state file (--state-file / --save-state)")
+    plot.add_argument("--out", metavar="DIR", type=Path, default=Path("plots"), help="output folder (default: plots)")
+    plot.add_argument("--plan", metavar="ID", type=int, help="the plan to draw (default: the newest)")
+    plot.add_argument("--format", metavar="FMT,...", default="png,svg", help="png, svg or both (default: png,svg)")
+    plot.add_argument(
+        "--model", metavar="MODEL.gguf", type=Path,
+        help="the model the state was measured from (checked by sha256): places llama.cpp's presets on the curve",
+    )  # fmt: skip
+    plot.add_argument("--objective", choices=OBJECTIVES, help="the error plotted (default: the plan's objective)")
+    plot.set_defaults(run=_plot)
+    calibration = commands.add_parser(
+        "calibrate",
+        help="measure per-group sensitivities (KLD per unit of relative error) by noise injection; solves use them",
+        description="For each group of tensors, add Gaussian noise of relative error NOISE to each of its tensors, "
+        "measure the KL divergence against the unperturbed model on the calibration text (never the evaluation "
+        "text), and store KLD / summed relative error in the state's sensitivities and weights tables. Later "
+        "solves with --state-file weigh each tensor's relative error by its group's value unless "
+        "--ignore-tensor-importance. Resumes a killed run (values are stored as they land).",
+    )
+    _add_model_and_state(calibration, "the unquantized GGUF the state was measured for")
+    calibration.add_argument("--groups", choices=GROUPINGS, default=DEFAULT_GROUPING,
+                             help="tensor groups (default: class-third = tensor class x third of the layers)")
+    calibration.add_argument(
+        "--noise", type=float, default=DEFAULT_NOISE, help=f"relative error per tensor, rho^2 ({DEFAULT_NOISE:g})"
+    )
+    calibration.add_argument(
+        "--chunks", type=int, default=DEFAULT_CHUNKS, help=f"text windows per group ({DEFAULT_CHUNKS})"
+    )
+    calibration.add_argument(
+        "--ctx", type=int, default=CALIBRATION_CTX, help=f"window length in tokens ({CALIBRATION_CTX})"
+    )
+    calibration.add_argument("--only", metavar="KEY,...", help="calibrate only these group keys")
+    calibration.add_argument("--seed", type=int, default=0, help="noise seed")
+    calibration.add_argument("--fresh", action="store_true", help="discard stored sensitivities, do not resume")
+    _add_run_options(calibration)
+    calibration.set_defaults(run=_calibrate)
+    tuning = commands.add_parser(
+        "tune",
+        help="fit per-class and depth factors of the objective to measured KLD (optuna); solves use them",
+        description="Each trial gives every tensor class a factor and the blocks a depth factor, solves every "
+        "budget with them, writes each plan and measures its KL divergence against MODEL on the calibration text "
+        "(never the evaluation text); optuna minimizes the mean log KLD. Trial 0 is the untuned objective. The "
+        "study is kept beside the state (STATE.optuna.db) and resumes; the best factors are stored in the state's "
+        "tuned table, which later solves use unless --ignore-tensor-importance.",
+    )
+    _add_model_and_state(tuning, "the unquantized GGUF (measured into the state if not yet)")
+    tuning.add_argument("--target-bpw", type=float, nargs="+", metavar="BPW", help="budgets to tune at, in bpw")
+    tuning.add_argument("--target-size", nargs="+", metavar="SIZE", help="budgets to tune at, as file sizes")
+    tuning.add_argument("--trials", type=int, default=DEFAULT_TRIALS,
+                        help=f"completed trials the study should reach ({DEFAULT_TRIALS})")  # fmt: skip
+    tuning.add_argument("--objective", choices=OBJECTIVES, help=OBJECTIVE_HELP)
+    tuning.add_argument("--ctx", type=int, default=TUNE_CTX, help=f"window length in tokens ({TUNE_CTX})")
+    tuning.add_argument("--chunks", type=int, default=TUNE_CHUNKS, help=f"windows per evaluation ({TUNE_CHUNKS})")
+    tuning.add_argument("--seed", type=int, default=0, help="optuna sampler seed")
+    tuning.add_argument("--allow-requantize", action="store_true", help="MODEL may be quantized (as for quantize)")
+    tuning.add_argument("--candidates", metavar="T1,T2,...", help="as measured into the state (default: bpwopt's)")
+    tuning.add_argument("--sample-rows", type=int, default=Sampling.max_rows, metavar="N",
+                        help="as measured into the state")  # fmt: skip
+    _add_run_options(tuning)
+    tuning.set_defaults(run=_tune)
+    return parser
+
+
+def _add_model_and_state(parser: argparse.ArgumentParser, model_help: str) -> None:
+    """MODEL, --state-file and --imatrix: what calibrate and tune work on."""
+    parser.add_argument("model", type=Path, help=model_help)
+    parser.add_argument("--state-file", type=Path, required=True, help="the state measured (or to measure) for MODEL")
+    parser.add_argument("--imatrix", type=Path, help="the imatrix the state was measured with, if any")
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--threads", type=int, help="threads for quantizing and llama.cpp")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            args = build_parser().parse_args(argv)
+        else:
+            args = parse_quantize_args(argv)  # a bad --config file is a BpwoptError, caught below
+            args.run = _quantize
+        args.run(args)
+    except BpwoptError as error:
+        print(f"bpwopt: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("bpwopt: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # A reader such as `head` closed stdout early; that is not an error of ours.
+        sys.stdout = None
+        return 0
+    return 0
+

@@ -1,0 +1,486 @@
+"""The optimizer job: measure every candidate, solve for the budget, write — `bpwopt IN --target-size …`.
+
+llama.cpp's policy (`bpwopt.policy.llama`) still decides which tensors may change
+at all and which types the user pinned; every other quantizable tensor gets
+the candidate types that fit its row length, is measured (`bpwopt.measure.measure`)
+into the state file (`bpwopt.state.store`), and the solver (`bpwopt.solve.solver`) picks
+one type per tensor under the budget (`bpwopt.solve.targets`). The output goes
+through the same write stage as the llama-quantize job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFValueType
+
+from bpwopt.errors import BpwoptError
+from bpwopt.formats.gguf_writer import padded_size
+from bpwopt.formats.splits import model_sha256
+from bpwopt.jobs.quantize import (
+    SourceModel,
+    check_output_paths,
+    default_output_path,
+    open_source,
+    output_base,
+    tensor_output_bytes,
+    write_request,
+)
+from bpwopt.measure.measure import DEFAULT_CANDIDATES, MeasureTask, Sampling, candidate_types, measure_tensors
+from bpwopt.policy.llama import QuantizeOptions, TensorPlan, TypePlan, check_plan_writable, is_quantized, plan_types
+from bpwopt.policy.presets import PRESETS, Preset, parse_type_argument
+from bpwopt.solve.objective import default_objective, option_errors, tensor_weights
+from bpwopt.solve.solver import TensorOptions, byte_range, solve
+from bpwopt.solve.targets import Target
+from bpwopt.state.store import (
+    PlanRecord,
+    StateFile,
+    StateIdentity,
+    TensorRecord,
+    default_state_path,
+)
+from bpwopt.write.model_writer import KeyValue, WriteRequest, planned_file_bytes, tensor_alignments, write_model
+
+_BPW_TOLERANCE = 0.01  # a bpw target lands at most this far below; so the top of the range may be that close
+_DEFAULT_RECIPE = "Q8_0"  # without a TYPE, the policy runs with a preset that pins nothing
+_BASE_FTYPE_BY_TYPE = {p.base_type: int(p.ftype) for p in reversed(PRESETS) if p.base_type and not p.only_copy}
+
+
+@dataclass
+class OptimizeJob:
+    """One `bpwopt IN [OUT] [TYPE] --target-…` invocation, as plain data."""
+
+    input_path: Path
+    output_path: Path | None
+    target: Target
+    type_text: str | None = None  # the preset the plan is compared with
+    options: QuantizeOptions = field(default_factory=QuantizeOptions)
+    imatrix_path: Path | None = None
+    overrides: dict[str, KeyValue] = field(default_factory=dict)
+    candidates: tuple[GGMLQuantizationType, ...] = DEFAULT_CANDIDATES
+    sampling: Sampling = field(default_factory=Sampling)
+    state_path: Path | None = None  # --state-file
+    save_state: bool = False  # --save-state: state/<model>-<hash>-mse.bpw_state unless state_path
+    objective: str | None = None  # None: bpwopt.solve.objective.default_objective of the state's weights
+    ignore_importance: bool = False  # --ignore-tensor-importance: no stored per-group weights or tuned factors
+    tuning: dict[str, float] | None = None  # class and depth factors (bpwopt.quality.tune's trials); None: the state's
+    record_plan: bool = True  # store the plan in the state (a tuning trial's plans are not kept)
+    threads: int | None = None
+    time_limit: float = 10.0  # seconds for the exact (MILP) stage
+    dry_run: bool = False
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class ChosenTensor:
+    """One tensor of the plan: its type, its bytes in the file, and the error the objective predicts."""
+
+    name: str
+    category: str
+    qtype: str
+    data_bytes: int
+    elements: int
+    error: float  # objective units; 0 for tensors the optimizer does not vary
+    varied: bool
+
+
+@dataclass(frozen=True)
+class PresetComparison:
+    """A llama.cpp preset next to bpwopt's plan for the same budget."""
+
+    name: str
+    data_bytes: int
+    bits_per_weight: float
+    predicted_error: float  # the preset's types under the same objective
+    optimized_error: float  # bpwopt's plan at the preset's size
+
+
+@dataclass(frozen=True)
+class OptimizeReport:
+    output_path: Path | None
+    target: Target
+    tensors: tuple[ChosenTensor, ...]
+    elements: int
+    data_bytes: int  # tensor data, as llama.cpp's size line counts it
+    file_bytes: int  # the whole file (all shards), predicted before writing and equal to what was written
+    objective: str  # what was minimized (the job's, or the state's default)
+    predicted_error: float
+    gap: float  # the solver's remaining relative optimality gap
+    solve_seconds: float
+    measured: int  # (tensor, type) pairs measured by this run
+    reused: int  # pairs found in the state file
+    reachable_bytes: tuple[int, int]  # smallest plan and least-error plan, in the target's units (no header)
+    comparisons: tuple[PresetComparison, ...]
+    state_path: Path | None
+    written: bool
+    shards: int  # files written: 1, the --keep-split shards (output_path is the first), or 0 for a dry run
+
+    @property
+    def bits_per_weight(self) -> float:
+        return 8.0 * self.data_bytes / self.elements
+
+
+@dataclass(frozen=True)
+class Problem:
+    """The optimization the solver sees: options of the varied tensors, and the fixed rest."""
+
+    base: TypePlan  # the policy's plan; varied tensors are replaced by the solver's choice
+    varied: tuple[TensorPlan, ...]
+    options: tuple[TensorOptions, ...]  # same order as varied
+    fixed_cost: int  # bytes of everything not varied, in the target's units
+    elements: int
+
+    def types(self, choice: np.ndarray) -> dict[str, GGMLQuantizationType]:
+        """Written name -> type for a solver choice, in output order."""
+        chosen = {
+            plan.name: GGMLQuantizationType[opts.labels[index]]
+            for plan, opts, index in zip(self.varied, self.options, choice, strict=True)
+        }
+        return {t.name: chosen.get(t.name, t.target_type) for t in self.base.tensors}
+
+
+def optimize_file(job: OptimizeJob) -> OptimizeReport:
+    """Measure what is missing, solve for job.target, and (unless a dry run) write the plan."""
+    if job.options.prune_layers:
+        raise BpwoptError("--prune-layers together with --target-bpw/--target-size is not supported yet")
+    source = open_source(job.input_path, job.imatrix_path, job.options)
+    if source.model.architecture == "clip":
+        raise BpwoptError("--target-bpw/--target-size do not take CLIP / mmproj files yet; give a TYPE instead")
+    recipe = parse_type_argument(job.type_text or _DEFAULT_RECIPE, is_clip=source.model.architecture == "clip")
+    base = plan_types(source.specs, source.model, recipe.preset, source.options, check_writable=False)
+    varied = tuple(t for t in base.tensors if t.quantizable and not t.pinned)
+    _refuse_requantize(varied, source.options)
+    types_of = {t.source_name: candidate_types(t.shape[0], job.candidates) for t in varied}
+    if job.type_text:
+        types_of = _with_recipe_types(types_of, varied)
+    output_path = job.output_path or default_output_path(job.input_path, job.target.file_label())
+    output_path = output_base(output_path, job.options)
+    identity = _identity(source, job)
+    with _open_state(job, identity) as state:
+        measured, reused = _measure(source, state, varied, types_of, job)
+        group_weights = {} if job.ignore_importance else state.values("weights")  # calibrated sensitivities
+        job = replace(job, objective=job.objective or default_objective(group_weights))
+        template = write_request(source, base.types(), 0, job.overrides, _provenance_template(job))
+        problem = _problem(source, base, varied, types_of, state, job, tensor_alignments(template), group_weights)
+        reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
+        header = _header_bytes(source, base, template) if job.target.counts_whole_file else 0
+        budget = _budget(job.target, problem, header, reachable)
+        solution = solve(problem.options, budget, time_limit=job.time_limit)
+        types = problem.types(solution.choice)
+        provenance = _provenance(job, identity, solution)
+        request = write_request(source, types, _file_type(base, types, job), job.overrides, provenance, job.progress)
+        file_bytes = planned_file_bytes(request)
+        check_plan_writable(_final_plan(base, types), source.options)
+        tensors = _chosen_tensors(problem, solution.choice, source)
+        elements = problem.elements
+        data_bytes = sum(t.data_bytes for t in tensors)
+        if job.target.file_bytes is not None and file_bytes > job.target.file_bytes:
+            raise BpwoptError(f"internal error: plan of {file_bytes} bytes exceeds the target {job.target.file_bytes}")
+        comparisons = _comparisons(source, problem, job, recipe.preset, _choice_cost(problem, solution.choice))
+        written_paths = [] if job.dry_run else check_output_paths(source, request, output_path)
+        if written_paths:
+            written = write_model(request, output_path)
+            if written != file_bytes:
+                raise BpwoptError(f"internal error: wrote {written} bytes, predicted {file_bytes}")
+        if (job.save_state or job.state_path) and job.record_plan:
+            state.add_plan(
+                PlanRecord(
+                    target=job.target.describe(),
+                    objective=job.objective,
+                    types={name: t.name for name, t in types.items()},
+                    predicted_error=solution.total_error,
+                    total_bytes=data_bytes,
+                    file_bytes=file_bytes,
+                    bits_per_weight=8.0 * data_bytes / elements,
+                    gap=solution.gap,
+                )
+            )
+        state_path = state.path if (job.save_state or job.state_path) else None
+    return OptimizeReport(
+        output_path=written_paths[0] if written_paths else None,
+        target=job.target,
+        tensors=tensors,
+        elements=elements,
+        data_bytes=data_bytes,
+        file_bytes=file_bytes,
+        objective=job.objective,
+        predicted_error=solution.total_error,
+        gap=solution.gap,
+        solve_seconds=solution.seconds,
+        measured=measured,
+        reused=reused,
+        reachable_bytes=reachable,
+        comparisons=comparisons,
+        state_path=state_path,
+        written=not job.dry_run,
+        shards=len(written_paths),
+    )
+
+
+def _refuse_requantize(varied: Sequence[TensorPlan], options: QuantizeOptions) -> None:
+    """llama-quantize refuses to requantize without --allow-requantize; so do we, before measuring."""
+    if options.allow_requantize:
+        return
+    quantized = next((t for t in varied if is_quantized(t.source_type)), None)
+    if quantized is not None:
+        raise BpwoptError(
+            f"requantizing from type {quantized.source_type.name} is disabled (tensor {quantized.source_name}); "
+            "pass --allow-requantize"
+        )
+
+
+def _with_recipe_types(types_of: dict[str, tuple], varied: Sequence[TensorPlan]) -> dict[str, tuple]:
+    """Add the recipe's own type of each tensor, so the plan can be compared with (and fall back to) it."""
+    return {t.source_name: tuple(dict.fromkeys((*types_of[t.source_name], t.target_type))) for t in varied}
+
+
+def _identity(source: SourceModel, job: OptimizeJob) -> StateIdentity:
+    name_field = source.reader.fields.get("general.name")
+    model_name = str(name_field.contents()) if name_field is not None else source.path.stem
+    return StateIdentity(
+        model_sha256=model_sha256(source.reader),
+        model_name=model_name,
+        imatrix_sha256=source.imatrix.sha256 if source.imatrix is not None else None,
+        candidates=tuple(t.name for t in job.candidates),
+        sampling=job.sampling.describe(),
+    )
+
+
+@contextmanager
+def _open_state(job: OptimizeJob, identity: StateIdentity) -> Iterator[StateFile]:
+    """The state file the user asked for, or a throwaway one: one code path either way."""
+    if job.state_path is not None or job.save_state:
+        path = job.state_path or default_state_path(identity.model_name, identity.model_sha256)
+        with StateFile.open(path, identity) as state:
+            yield state
+        return
+    with tempfile.TemporaryDirectory(prefix="bpwopt-") as directory, StateFile.open(
+        Path(directory) / "run.bpw_state", identity
+    ) as state:
+        yield state
+
+
+def _measure(
+    source: SourceModel, state: StateFile, varied: Sequence[TensorPlan], types_of: dict[str, tuple], job: OptimizeJob
+) -> tuple[int, int]:
+    """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused)."""
+    known = state.measurements()
+    records = state.tensors()
+    tasks = []
+    for plan in varied:
+        wanted = types_of[plan.source_name]
+        missing = tuple(t for t in wanted if (plan.source_name, t.name) not in known)
+        tasks.append(MeasureTask(plan, wanted, missing, needs_record=plan.source_name not in records))
+    measured = sum(len(task.missing) for task in tasks)
+    reused = sum(len(task.types) for task in tasks) - measured
+    measure_tensors(
+        source.reader,
+        tasks,
+        source.imatrix,
+        job.sampling,
+        on_record=lambda record: state.add_tensors([record]),
+        on_measurement=state.add_measurement,
+        progress=job.progress,
+    )
+    return measured, reused
+
+
+def _cost(job: OptimizeJob, data_bytes: int, alignment: int) -> int:
+    """An option's bytes in the target's units: padded in the file for size targets, raw for bpw."""
+    return padded_size(data_bytes, alignment) if job.target.counts_whole_file else data_bytes
+
+
+def _problem(
+    source: SourceModel,
+    base: TypePlan,
+    varied: Sequence[TensorPlan],
+    types_of: dict[str, tuple],
+    state: StateFile,
+    job: OptimizeJob,
+    alignment_of: dict[str, int],
+    group_weights: dict[str, float],
+) -> Problem:
+    """alignment_of: written name -> data alignment of the file the tensor lands in (tensor_alignments)."""
+    measurements = state.measurements()
+    records: dict[str, TensorRecord] = state.tensors()
+    tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
+    weight_of = tensor_weights(records, group_weights, tuning)
+    by_name = source.tensors_by_name
+    options = []
+    for plan in varied:
+        rows = [measurements[(plan.source_name, t.name)] for t in types_of[plan.source_name]]
+        record = records[plan.source_name]
+        options.append(
+            TensorOptions(
+                name=plan.name,
+                labels=tuple(m.qtype for m in rows),
+                nbytes=np.array([_cost(job, m.nbytes, alignment_of[plan.name]) for m in rows], dtype=np.int64),
+                error=option_errors(job.objective, rows, record, weight_of[plan.source_name]),
+            )
+        )
+    varied_names = {t.name for t in varied}
+    fixed = [t for t in base.tensors if t.name not in varied_names]
+    fixed_cost = sum(
+        _cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment_of[t.name]) for t in fixed
+    )
+    elements = sum(int(by_name[t.source_name].n_elements) for t in base.tensors)
+    return Problem(base, tuple(varied), tuple(options), fixed_cost, elements)
+
+
+def _header_bytes(source: SourceModel, base: TypePlan, template: WriteRequest) -> int:
+    """Header and metadata bytes of every file: their size minus the padded tensor data (independent of the types).
+
+    template: the write request of the base plan, with provenance keys of their final encoded size.
+    """
+    alignment_of, by_name = tensor_alignments(template), source.tensors_by_name
+    data = sum(
+        padded_size(tensor_output_bytes(by_name[t.source_name], t.target_type), alignment_of[t.name])
+        for t in base.tensors
+    )
+    return planned_file_bytes(template) - data
+
+
+def useful_range(options: Sequence[TensorOptions]) -> tuple[int, int]:
+    """Bytes of the smallest plan and of the least-error plan (each tensor's best type, fewest bytes on ties).
+
+    Budgets above the least-error plan buy nothing: on a model that ships
+    quantized, a bigger type can even be worse than a smaller one whose grid
+    holds the source's values exactly (Q6_K against Q8_0 on a Q4_1 source).
+    """
+    smallest = byte_range(options)[0]
+    best = 0
+    for opts in options:
+        best_error = opts.error.min()
+        best += int(opts.nbytes[opts.error == best_error].min())
+    return smallest, best
+
+
+def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int, int]) -> int:
+    """Bytes the solver may spend on the varied tensors; a target out of range names the reachable range."""
+    if target.file_bytes is not None:
+        low, high = reachable[0] + header, reachable[1] + header
+        if not low <= target.file_bytes <= high:
+            where = "below the smallest" if target.file_bytes < low else "above the least-error"
+            raise BpwoptError(
+                f"--target-size {target.file_bytes:,} bytes is {where} plan's file "
+                f"(reachable: {low:,} to {high:,} bytes)"
+            )
+        return target.file_bytes - header - problem.fixed_cost
+    budget = target.data_budget(problem.elements)
+    if not reachable[0] <= budget <= reachable[1] + problem.elements / 8 * _BPW_TOLERANCE:
+        # printed so that any value inside the printed range is reachable
+        low = math.ceil(8e4 * reachable[0] / problem.elements) / 1e4
+        high = math.floor(8e4 * reachable[1] / problem.elements) / 1e4
+        where = "below the smallest" if budget < reachable[0] else "above the least-error"
+        raise BpwoptError(
+            f"--target-bpw {target.bits_per_weight:g} is {where} plan's bpw (reachable: {low:.4f} to {high:.4f} bpw)"
+        )
+    return min(budget, reachable[1]) - problem.fixed_cost
+
+
+def _provenance_template(job: OptimizeJob, predicted_error: float = 0.0, gap: float = 0.0, state: str = "0" * 64):
+    """bpwopt.* keys; every value has a fixed encoded size, so the header is known before solving."""
+    return {
+        "bpwopt.target": (GGUFValueType.STRING, job.target.describe()),
+        "bpwopt.objective": (GGUFValueType.STRING, job.objective),
+        "bpwopt.predicted_error": (GGUFValueType.FLOAT64, predicted_error),
+        "bpwopt.optimality_gap": (GGUFValueType.FLOAT64, gap),
+        "bpwopt.state": (GGUFValueType.STRING, state),
+        "bpwopt.recipe": (GGUFValueType.STRING, job.type_text.upper() if job.type_text else "none"),
+    }
+
+
+def _provenance(job: OptimizeJob, identity: StateIdentity, solution) -> dict[str, KeyValue]:
+    state_hash = hashlib.sha256(repr(identity).encode()).hexdigest()
+    return _provenance_template(job, solution.total_error, solution.gap, state_hash)
+
+
+def _file_type(base: TypePlan, types: dict[str, GGMLQuantizationType], job: OptimizeJob) -> int:
+    """general.file_type: the recipe's ftype when given, else the pure preset of the type holding most weights."""
+    if job.type_text and base.file_type is not None:
+        return base.file_type
+    counts: dict[GGMLQuantizationType, int] = {}
+    for tensor in base.tensors:
+        ggml_type = types[tensor.name]
+        counts[ggml_type] = counts.get(ggml_type, 0) + int(np.prod(tensor.shape, dtype=np.int64))
+    dominant = max(counts, key=lambda t: (counts[t], t.name))
+    return _BASE_FTYPE_BY_TYPE.get(dominant, 0)
+
+
+def _final_plan(base: TypePlan, types: dict[str, GGMLQuantizationType]) -> TypePlan:
+    tensors = tuple(
+        t if types[t.name] == t.target_type else replace(t, target_type=types[t.name], requires_imatrix=False)
+        for t in base.tensors
+    )
+    return replace(base, tensors=tensors)
+
+
+def _chosen_tensors(problem: Problem, choice: np.ndarray, source: SourceModel) -> tuple[ChosenTensor, ...]:
+    types = problem.types(choice)
+    errors = {opts.name: float(opts.error[index]) for opts, index in zip(problem.options, choice, strict=True)}
+    by_name = source.tensors_by_name
+    return tuple(
+        ChosenTensor(
+            name=t.name,
+            category=t.category.value,
+            qtype=types[t.name].name,
+            data_bytes=tensor_output_bytes(by_name[t.source_name], types[t.name]),
+            elements=int(by_name[t.source_name].n_elements),
+            error=errors.get(t.name, 0.0),
+            varied=t.name in errors,
+        )
+        for t in problem.base.tensors
+    )
+
+
+def _comparisons(
+    source: SourceModel, problem: Problem, job: OptimizeJob, recipe: Preset, plan_cost: int
+) -> tuple[PresetComparison, ...]:
+    """The recipe (with a TYPE) or the presets nearest the plan's size, each against bpwopt at its size.
+
+    Only presets whose types were all measured can be compared; the default
+    candidates cover every K-quant and legacy preset bpwopt can write.
+    """
+    costs = {}
+    seen_ftypes = set()
+    for preset in PRESETS:
+        if preset.only_copy or not preset.producible or preset.ftype in seen_ftypes:
+            continue
+        if job.type_text and preset != recipe:
+            continue
+        seen_ftypes.add(preset.ftype)  # aliases (Q4_K for Q4_K_M) are the same recipe
+        types = plan_types(source.specs, source.model, preset, source.options, check_writable=False).types()
+        choice = [_index_of(opts, types[opts.name].name) for opts in problem.options]
+        if None not in choice:
+            costs[preset.name] = (preset, np.array(choice, dtype=np.int64))
+    smaller = [name for name, (_, c) in costs.items() if _choice_cost(problem, c) <= plan_cost]
+    larger = [name for name in costs if name not in smaller]
+    nearest = sorted(smaller, key=lambda n: -_choice_cost(problem, costs[n][1]))[:2]
+    nearest += sorted(larger, key=lambda n: _choice_cost(problem, costs[n][1]))[:1]
+    comparisons = []
+    for name in sorted(nearest, key=lambda n: _choice_cost(problem, costs[n][1])):
+        preset, choice = costs[name]
+        optimized = solve(problem.options, _choice_cost(problem, choice), time_limit=job.time_limit)
+        types = problem.types(choice)
+        data = sum(
+            tensor_output_bytes(source.tensors_by_name[t.source_name], types[t.name]) for t in problem.base.tensors
+        )
+        error = float(sum(opts.error[i] for opts, i in zip(problem.options, choice, strict=True)))
+        comparisons.append(PresetComparison(name, data, 8.0 * data / problem.elements, error, optimized.total_error))
+    return tuple(comparisons)
+
+
+def _index_of(options: TensorOptions, label: str) -> int | None:
+    return options.labels.index(label) if label in options.labels else None
+
+
+def _choice_cost(problem: Problem, choice: np.ndarray) -> int:
+    """Bytes of the varied tensors for a choice, in the solver's units."""
+    return int(sum(int(opts.nbytes[i]) for opts, i in zip(problem.options, choice, strict=True)))

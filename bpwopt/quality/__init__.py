@@ -1,0 +1,1 @@
+"""Quality tools: KL divergence against the base model, texts, the testbed, calibrate, tune and plots."""

@@ -1,0 +1,300 @@
+"""Sensitivities: how much KL divergence a unit of relative error in each group of tensors costs.
+
+The solver's `relative` objective adds up, per tensor, the noise-to-signal
+ratio Σ w(x−x̂)² / Σ w x² that quantization gives it; tensors are not equally
+important, so that sum predicts KLD badly. `bpwopt calibrate` measures the
+missing factor by noise injection (the linearity idea of HIGGS, Malinovskii et
+al. 2024): for each group of tensors (tensor class × third of the layers by
+default) it writes a copy of the model in which every tensor of the group gets
+Gaussian noise of relative error exactly ρ² (same definition and imatrix
+weights as the objective), measures the KLD that copy has against the
+unperturbed model on the calibration text (never the evaluation text) through
+llama.cpp, and divides: sensitivity = KLD / Σ_group ρ², in nats per unit of
+summed relative error. For small ρ² KLD is linear in the injected error, so
+Σ_t sensitivity_t · relative_error_t predicts a quantization's KLD.
+
+Each group's value is stored in the state's `sensitivities` table as soon as
+it is measured (a killed run resumes), and the whole set is written to the
+`weights` table, which every later solve multiplies into the objective unless
+`--ignore-tensor-importance` (`bpwopt.solve.objective.group_weight`). Groups not
+calibrated (a partial run) get the median sensitivity as their weight.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType
+from tqdm import tqdm
+
+from bpwopt.errors import BpwoptError
+from bpwopt.formats.gguf_writer import TensorSlot, copied_kv, write_gguf
+from bpwopt.formats.imatrix import Imatrix, load_imatrix
+from bpwopt.formats.splits import SPLIT_KEYS, ModelFiles, model_sha256, open_model
+from bpwopt.policy.llama import read_model_info
+from bpwopt.quality.evaluate import evaluate
+from bpwopt.quality.testbed import tensor_seed
+from bpwopt.quality.texts import calibration_text
+from bpwopt.solve.objective import DEFAULT_GROUPING, group_key
+from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
+from bpwopt.state.store import StateFile, TensorRecord, read_identity
+from bpwopt.write.model_writer import output_alignment
+
+DEFAULT_NOISE = 1e-3  # ρ²: relative error injected into each tensor of a group (linear regime, see README)
+# Windows of the calibration text per group and their length (second halves scored): the setting behind the
+# sensitivity rows of benchmarks/RESULTS.md.
+DEFAULT_CHUNKS = 2
+DEFAULT_CTX = 256
+SLAB_ELEMENTS = 4 << 20  # elements summed at a time in float64
+# Settings stored beside the sensitivities: a resumed run reuses only values measured under the same ones.
+_SETTING_KEYS = ("calibration.noise", "calibration.chunks", "calibration.ctx", "calibration.seed")
+
+
+@dataclass(frozen=True)
+class GroupSensitivity:
+    """One group's calibration: KLD caused by noise of relative error ρ² in each of its tensors."""
+
+    key: str  # group key, as bpwopt.solve.objective.group_key writes it
+    tensors: tuple[str, ...]
+    summed_relative_error: float  # Σ over the group's tensors of the injected relative error (= n · ρ²)
+    mean_kld: float  # nats per token, against the unperturbed model on the calibration text
+    mean_kld_stderr: float
+    sensitivity: float  # mean_kld / summed_relative_error
+    reused: bool  # taken from the state, not measured by this run
+
+
+@dataclass(frozen=True)
+class CalibrationReport:
+    groups: tuple[GroupSensitivity, ...]
+    weights: dict[str, float]  # what was written to the state's weights table
+    noise: float
+    chunks: int
+    ctx: int
+
+
+# --- noise of an exact relative size -------------------------------------------------------------
+
+
+def _column_squares(values: np.ndarray) -> np.ndarray:
+    """Σ_rows values², float64 (n_per_row,), summed a slab of rows at a time."""
+    rows_per_slab = max(1, SLAB_ELEMENTS // values.shape[1])
+    total = np.zeros(values.shape[1], dtype=np.float64)
+    for start in range(0, values.shape[0], rows_per_slab):
+        slab = values[start:start + rows_per_slab].astype(np.float64)
+        total += (slab * slab).sum(axis=0)
+    return total
+
+
+def weighted_energy(values: np.ndarray, weights: np.ndarray | None) -> float:
+    """Σ w x² of values, float32 (n_expert · rows_per_expert, n_per_row); weights (n_expert, n_per_row) or None."""
+    if weights is None:
+        return float(_column_squares(values).sum())
+    experts = values.reshape(weights.shape[0], -1, values.shape[1])
+    return float(sum(_column_squares(rows) @ w.astype(np.float64) for rows, w in zip(experts, weights, strict=True)))
+
+
+def scaled_noise(
+    values: np.ndarray, weights: np.ndarray | None, relative_error: float, rng: np.random.Generator
+) -> np.ndarray:
+    """Gaussian noise, float32 like values (rows, n_per_row), scaled so that Σ w n² / Σ w x² = relative_error.
+
+    w is the tensor's imatrix weights (n_expert, n_per_row; rows split evenly
+    among experts) or 1, the same weights the objective's relative error uses.
+    The ratio holds to float32 rounding of the noise (about 1e-7 relative).
+    """
+    if relative_error < 0:
+        raise BpwoptError(f"the relative error must be non-negative, got {relative_error}")
+    noise = rng.standard_normal(values.shape, dtype=np.float32)
+    signal = weighted_energy(values, weights)
+    drawn = weighted_energy(noise, weights)
+    if signal <= 0 or drawn <= 0:
+        return np.zeros_like(values)
+    noise *= np.float32(math.sqrt(relative_error * signal / drawn))
+    return noise
+
+
+def relative_error(values: np.ndarray, perturbed: np.ndarray, weights: np.ndarray | None) -> float:
+    """Σ w (x − y)² / Σ w x²: the objective's relative error of perturbed against values."""
+    difference = perturbed.astype(np.float64) - values.astype(np.float64)
+    return weighted_energy(difference, weights) / weighted_energy(values, weights)
+
+
+def _tensor_weights(tensor: gguf.ReaderTensor, imatrix: Imatrix | None) -> np.ndarray | None:
+    if imatrix is None:
+        return None
+    n_expert = expert_count(tensor)
+    return imatrix.weights_for(tensor.name, int(tensor.shape[0]), n_expert)
+
+
+def write_perturbed(
+    reader: ModelFiles,
+    names: Sequence[str],
+    out_path: Path,
+    noise: float,
+    imatrix: Imatrix | None,
+    seed: int = 0,
+) -> int:
+    """Copy the model to out_path with noise of relative error `noise` added to each tensor in names.
+
+    Perturbed tensors are written as F32 (dequantized first if the source is
+    quantized); every other tensor is copied byte for byte. One tensor is held
+    in memory at a time; a split model becomes one file. Returns the file's bytes.
+    """
+    perturbed = set(names)
+    missing = perturbed - {t.name for t in reader.tensors}
+    if missing:
+        raise BpwoptError(f"no tensor {sorted(missing)[0]} in the model")
+    slots = [
+        TensorSlot(
+            t.name,
+            tuple(int(n) for n in t.shape),
+            GGMLQuantizationType.F32 if t.name in perturbed else GGMLQuantizationType(t.tensor_type),
+            int(t.n_elements) * 4 if t.name in perturbed else int(t.n_bytes),
+        )
+        for t in reader.tensors
+    ]
+
+    def produce(index: int) -> Iterator[np.ndarray]:
+        tensor = reader.tensors[index]
+        raw = tensor_rows(tensor)
+        if tensor.name not in perturbed:
+            yield raw
+            return
+        values = np.ascontiguousarray(rows_to_float(raw, GGMLQuantizationType(tensor.tensor_type)), dtype=np.float32)
+        rng = np.random.default_rng(tensor_seed(seed, tensor.name))
+        values += scaled_noise(values, _tensor_weights(tensor, imatrix), noise, rng)
+        yield values
+
+    kept = [field for name, field in reader.fields.items() if not name.startswith("GGUF.") and name not in SPLIT_KEYS]
+    kv = [copied_kv(field) for field in kept]
+    return write_gguf(out_path, kv, slots, produce, alignment=output_alignment(reader))
+
+
+# --- groups and the calibration run ----------------------------------------------------------------
+
+
+def tensor_groups(
+    records: Sequence[TensorRecord], n_layer: int, grouping: str = DEFAULT_GROUPING
+) -> dict[str, tuple[str, ...]]:
+    """Group key -> names of its tensors, in the records' order."""
+    groups: dict[str, list[str]] = {}
+    for record in records:
+        groups.setdefault(group_key(record, n_layer, grouping), []).append(record.name)
+    return {key: tuple(names) for key, names in groups.items()}
+
+
+def solver_weights(sensitivities: dict[str, float], group_keys: Sequence[str]) -> dict[str, float]:
+    """The weights table: each group's sensitivity, the median of the measured ones where not measured."""
+    measured = {key: value for key, value in sensitivities.items() if key in group_keys}
+    if not measured:
+        return {}
+    fill = statistics.median(measured.values())
+    return {key: measured.get(key, fill) for key in group_keys}
+
+
+def _open_state(state_path: Path, model_path: Path, imatrix: Imatrix | None) -> StateFile:
+    """The state measured for this model and imatrix; anything else is refused with the reason."""
+    if not state_path.is_file():
+        raise BpwoptError(f"{state_path}: no such state file; measure the model first (bpwopt … --state-file)")
+    identity = read_identity(state_path)
+    if model_sha256(open_model(model_path)) != identity.model_sha256:
+        raise BpwoptError(f"{state_path} was measured for another model than {model_path}")
+    wanted = imatrix.sha256 if imatrix is not None else None
+    if wanted != identity.imatrix_sha256:
+        need = "was measured with an imatrix: pass the same --imatrix" if identity.imatrix_sha256 else (
+            "was measured without an imatrix: drop --imatrix")
+        raise BpwoptError(f"{state_path} {need} (noise is sized with the objective's weights)")
+    return StateFile.open(state_path, identity, create=False)
+
+
+def calibrate(
+    model_path: str | Path,
+    state_path: str | Path,
+    *,
+    imatrix_path: str | Path | None = None,
+    grouping: str = DEFAULT_GROUPING,
+    noise: float = DEFAULT_NOISE,
+    chunks: int = DEFAULT_CHUNKS,
+    ctx: int = DEFAULT_CTX,
+    only: Sequence[str] | None = None,
+    seed: int = 0,
+    fresh: bool = False,
+    work_dir: str | Path | None = None,
+    cache_dir: str | Path | None = None,
+    threads: int | None = None,
+    progress: bool = True,
+) -> CalibrationReport:
+    """Measure the sensitivity of every group of the state's tensors and store them as the solver's weights.
+
+    model_path: the unquantized GGUF the state was measured for; noise: ρ², the
+    relative error given to each tensor of a group; chunks, ctx: calibration
+    text windows (bpwopt.quality.evaluate); only: calibrate just these group keys;
+    fresh: discard stored sensitivities instead of resuming; work_dir: where
+    the perturbed copies are written (one at a time; default: a temporary
+    directory); cache_dir: the base log-probs cache (default: bpwopt.quality.evaluate's).
+    Raises BpwoptError for a state of another model or imatrix, or an empty state.
+    """
+    if not noise > 0:
+        raise BpwoptError(f"--noise must be positive, got {noise}")
+    model_path, state_path = Path(model_path), Path(state_path)
+    imatrix = load_imatrix(imatrix_path) if imatrix_path is not None else None
+    reader = open_model(model_path)
+    n_layer = read_model_info(reader).n_layer_all
+    text = calibration_text()
+    settings = dict(zip(_SETTING_KEYS, (noise, float(chunks), float(ctx), float(seed)), strict=True))
+    with _open_state(state_path, model_path, imatrix) as state:
+        records = list(state.tensors().values())
+        if not records:
+            raise BpwoptError(f"{state_path} holds no measured tensors yet; measure the model first")
+        groups = tensor_groups(records, n_layer, grouping)
+        unknown = set(only or ()) - set(groups)
+        if unknown:
+            raise BpwoptError(f"no group {sorted(unknown)[0]}; groups: {', '.join(groups)}")
+        stored = {} if fresh else state.values("sensitivities")
+        if any(stored.get(key) != value for key, value in settings.items()):
+            stored = {}  # measured under other settings: start over
+        results = []
+        todo = [key for key in groups if only is None or key in only]
+        with tempfile.TemporaryDirectory(prefix="bpwopt-calibrate-", dir=work_dir) as directory:
+            perturbed_path = Path(directory) / "perturbed.gguf"
+            for key in tqdm(todo, desc="calibrating", unit="group", disable=not progress):
+                names = groups[key]
+                summed = noise * len(names)
+                if key in stored:
+                    results.append(GroupSensitivity(key, names, summed, stored[key] * summed, 0.0, stored[key], True))
+                    continue
+                write_perturbed(reader, names, perturbed_path, noise, imatrix, seed)
+                result = evaluate(
+                    model_path, perturbed_path, text, ctx=ctx, chunks=chunks, cache_dir=cache_dir, threads=threads,
+                    progress=False,
+                )  # fmt: skip
+                sensitivity = result.mean_kld / summed
+                results.append(
+                    GroupSensitivity(key, names, summed, result.mean_kld, result.mean_kld_stderr, sensitivity, False)
+                )
+                stored = {**settings, **{k: v for k, v in stored.items() if k not in settings}, key: sensitivity}
+                state.set_values("sensitivities", stored)  # committed now: a killed run resumes here
+        measured = {r.key: r.sensitivity for r in results}
+        all_stored = {k: v for k, v in stored.items() if k not in settings and k in groups} | measured
+        weights = solver_weights(all_stored, list(groups))
+        state.set_values("weights", weights)
+    return CalibrationReport(tuple(results), weights, noise, chunks, ctx)
+
+
+def format_report(report: CalibrationReport) -> str:
+    """One line per group, most sensitive first."""
+    lines = [f"{'group':<24} {'tensors':>7} {'Σ rel. error':>12} {'KLD':>10} {'±':>9} {'sensitivity':>11}"]
+    for group in sorted(report.groups, key=lambda g: -g.sensitivity):
+        stderr = "reused" if group.reused else f"{group.mean_kld_stderr:.2e}"
+        lines.append(
+            f"{group.key:<24} {len(group.tensors):>7} {group.summed_relative_error:>12.3g} "
+            f"{group.mean_kld:>10.3e} {stderr:>9} {group.sensitivity:>11.4g}"
+        )
+    return "\n".join(lines)

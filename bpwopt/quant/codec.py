@@ -1,0 +1,119 @@
+"""Public quantize / dequantize / quant_error over numpy arrays.
+
+The checked entry point to the Numba kernels: it validates shapes, dtypes and
+values once, flattens any leading dimensions into rows, and calls the
+row-parallel drivers of `bpwopt.quant.kernels.rows`. Measurement and writing use
+these functions, so a tensor is quantized the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf.constants import GGMLQuantizationType
+
+from bpwopt.quant.kernels import rows
+from bpwopt.quant.types import QuantType, get_quant_type
+
+QTypeLike = str | int | GGMLQuantizationType
+
+_NO_IMATRIX = np.empty(0, dtype=np.float32)
+
+
+def _as_rows(x: np.ndarray, quant_type: QuantType) -> np.ndarray:
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        dtype = x.dtype if isinstance(x, np.ndarray) else type(x).__name__
+        raise ValueError(f"x must be a float32 numpy array, got {dtype}")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x must have at least one element per row, got shape {x.shape}")
+    n_per_row = x.shape[-1]
+    if n_per_row % quant_type.block_size:
+        raise ValueError(
+            f"row length {n_per_row} is not a multiple of {quant_type.name}'s block size "
+            f"{quant_type.block_size}"
+        )
+    if not np.isfinite(x).all():
+        raise ValueError("x contains NaN or infinite values")
+    x_rows = np.ascontiguousarray(x.reshape(-1, n_per_row))
+    if not x_rows.flags.writeable:  # F32 rows viewed straight from a read-only memory map; the kernels want mutable
+        x_rows = x_rows.copy()
+    return x_rows
+
+
+def _as_imatrix(imatrix: np.ndarray | None, n_per_row: int, quant_type: QuantType) -> np.ndarray:
+    """ggml's quant_weights: one non-negative float per column, or the empty 'none'."""
+    if imatrix is None or quant_type.block_size == 1:
+        return _NO_IMATRIX
+    weights = np.asarray(imatrix)
+    if weights.dtype.kind != "f":
+        raise ValueError(f"imatrix must hold floats, got {weights.dtype}")
+    if weights.shape != (n_per_row,):
+        raise ValueError(f"imatrix must have shape ({n_per_row},), got {weights.shape}")
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    if not np.isfinite(weights).all() or (weights < 0).any():
+        raise ValueError("imatrix must be finite and non-negative")
+    return weights
+
+
+def quantize(x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 x (..., n_per_row) to ggml's bytes, uint8 (..., row_bytes).
+
+    With an imatrix (float, shape (n_per_row,)) the type's importance-weighted
+    search runs, as in `ggml_quantize_chunk` with quant_weights.
+    """
+    quant_type = get_quant_type(qtype)
+    x_rows = _as_rows(x, quant_type)
+    n_per_row = x_rows.shape[1]
+    weights = _as_imatrix(imatrix, n_per_row, quant_type)
+    out = np.empty((x_rows.shape[0], quant_type.row_bytes(n_per_row)), dtype=np.uint8)
+    rows.quantize_rows(quant_type.quantize_row, x_rows, weights, out)
+    return out.reshape(*x.shape[:-1], out.shape[1])
+
+
+def dequantize(q: np.ndarray, qtype: QTypeLike) -> np.ndarray:
+    """Inverse of `quantize`: uint8 (..., row_bytes) to float32 (..., n_per_row)."""
+    quant_type = get_quant_type(qtype)
+    if not isinstance(q, np.ndarray) or q.dtype != np.uint8:
+        raise ValueError("q must be a uint8 numpy array")
+    if q.ndim == 0 or q.shape[-1] == 0 or q.shape[-1] % quant_type.block_bytes:
+        raise ValueError(
+            f"last dimension of q must be a positive multiple of {quant_type.name}'s "
+            f"{quant_type.block_bytes} bytes per block, got shape {q.shape}"
+        )
+    row_bytes = q.shape[-1]
+    n_per_row = row_bytes // quant_type.block_bytes * quant_type.block_size
+    q_rows = np.ascontiguousarray(q.reshape(-1, row_bytes))
+    if not q_rows.flags.writeable:  # e.g. a read-only memory map; the compiled kernel wants a mutable array
+        q_rows = q_rows.copy()
+    out = np.empty((q_rows.shape[0], n_per_row), dtype=np.float32)
+    rows.dequantize_rows(quant_type.dequantize_row, q_rows, out)
+    return out.reshape(*q.shape[:-1], n_per_row)
+
+
+def row_errors(
+    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (weighted_sse, sse), float64 arrays of length nrows; see `quant_error`."""
+    quant_type = get_quant_type(qtype)
+    x_rows = _as_rows(x, quant_type)
+    n_per_row = x_rows.shape[1]
+    weights = _as_imatrix(imatrix, n_per_row, quant_type)
+    return rows.row_errors(
+        quant_type.quantize_row,
+        quant_type.dequantize_row,
+        x_rows,
+        weights,
+        quant_type.row_bytes(n_per_row),
+    )
+
+
+def quant_error(
+    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None
+) -> tuple[float, float]:
+    """Squared error a round trip through qtype adds to x, without building q in Python.
+
+    Returns (weighted_sse, sse): Σ imatrix_j (x − x̂)² and Σ (x − x̂)² over all
+    elements, quantizing with the imatrix exactly as `quantize` would. Without
+    an imatrix the weights are 1 and the two are equal.
+    """
+    weighted_sse, sse = row_errors(x, qtype, imatrix)
+    return float(weighted_sse.sum()), float(sse.sum())

@@ -1,0 +1,63 @@
+"""ggml's own quantizer, reached through ctypes on the libggml-base that llama-cpp-python ships.
+
+This is the oracle the kernels are tested and benchmarked against: it calls
+`ggml_quantize_chunk` exactly as llama.cpp's quantize tool does.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from pathlib import Path
+
+import numpy as np
+
+from bpwopt.quant.types import get_quant_type
+
+
+@functools.cache
+def _libggml() -> ctypes.CDLL:
+    try:
+        import llama_cpp
+    except ImportError as error:
+        raise RuntimeError("the ggml reference needs llama-cpp-python installed") from error
+    library = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
+    if not library.exists():
+        raise RuntimeError(f"libggml-base.so not found at {library}")
+    lib = ctypes.CDLL(str(library))
+    lib.ggml_quantize_chunk.restype = ctypes.c_size_t
+    lib.ggml_quantize_chunk.argtypes = [
+        ctypes.c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_int64,
+        ctypes.c_void_p,
+    ]
+    lib.ggml_row_size.restype = ctypes.c_size_t
+    lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+    return lib
+
+
+def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 x (nrows, n_per_row) with ggml_quantize_chunk; uint8 (nrows, row_bytes)."""
+    quant_type = get_quant_type(qtype)
+    lib = _libggml()
+    x_rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
+    nrows, n_per_row = x_rows.shape
+    row_bytes = lib.ggml_row_size(quant_type.id, n_per_row)
+    out = np.zeros((nrows, row_bytes), dtype=np.uint8)
+    weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
+    written = lib.ggml_quantize_chunk(
+        quant_type.id,
+        x_rows.ctypes.data,
+        out.ctypes.data,
+        0,
+        nrows,
+        n_per_row,
+        None if weights is None else weights.ctypes.data,
+    )
+    if written != out.nbytes:
+        raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out

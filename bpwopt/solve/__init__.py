@@ -1,0 +1,1 @@
+"""Solving: objectives over the measurements, budgets from targets, the problem, and the exact knapsack."""

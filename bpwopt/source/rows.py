@@ -1,0 +1,59 @@
+"""A tensor's rows as the stages read them: raw bytes from the memory map, float32 on demand.
+
+Measurement, the write stage and the quality tools all read tensors through
+these functions, so that the rows of a 3-D (MoE) tensor, the check against a
+file that shrank, and the float32 conversion are decided in one place. The
+float32 rows of an F32 tensor are a read-only view of the input file: callers
+that change values must copy them first.
+"""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+from gguf import GGMLQuantizationType
+
+from bpwopt.errors import BpwoptError
+from bpwopt.quant import codec
+from bpwopt.quant.types import QUANT_TYPES
+
+
+def tensor_rows(tensor: gguf.ReaderTensor) -> np.ndarray:
+    """The raw bytes of a tensor as uint8 (rows, row_bytes), a view into the memory map."""
+    _check_input_whole(tensor)
+    n_per_row = int(tensor.shape[0])
+    nrows = int(tensor.n_elements) // n_per_row
+    return np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(nrows, -1)
+
+
+def _check_input_whole(tensor: gguf.ReaderTensor) -> None:
+    """Refuse a tensor whose bytes are no longer in the file: touching them would kill the process (SIGBUS).
+
+    A file truncated while bpwopt reads it can still hit that between this
+    check and the read; the output is then never renamed into place.
+    """
+    mapping = getattr(tensor.data, "_mmap", None)  # np.memmap's; its size() is the file's, even once deleted
+    if mapping is None:
+        return
+    end = tensor.data_offset + int(tensor.n_bytes)
+    size = mapping.size()
+    if size < end:
+        path = tensor.data.filename
+        raise BpwoptError(f"{path}: the file shrank to {size:,} bytes while being read ({tensor.name} ends at {end:,})")
+
+
+def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType) -> np.ndarray:
+    """Dequantize rows of any ggml type to float32: our kernels where we have them, gguf's otherwise."""
+    if source_type == GGMLQuantizationType.F32:
+        return raw_rows.view(np.float32)
+    if source_type in QUANT_TYPES:
+        return codec.dequantize(np.ascontiguousarray(raw_rows), source_type)
+    try:
+        return gguf.quants.dequantize(raw_rows, source_type).astype(np.float32)
+    except NotImplementedError:  # integer tensors (I8 … I64): llama-quantize cannot requantize them either
+        raise BpwoptError(f"cannot convert {source_type.name} tensor data to another type") from None
+
+
+def expert_count(tensor: gguf.ReaderTensor) -> int:
+    """Experts of a 3-D (MoE) tensor: the product of its dimensions after the first two; 1 for a matrix."""
+    return int(np.prod([int(n) for n in tensor.shape[2:]], dtype=np.int64)) if len(tensor.shape) > 2 else 1

@@ -1,0 +1,1 @@
+"""The state file: measurements, plans and evaluations in SQLite, resumable and migrated forward."""
