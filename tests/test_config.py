@@ -155,3 +155,11 @@ def test_a_dry_run_with_json_from_a_config(demo_model_path, tmp_path, capsys):
     assert summary["target"] == "bpw<=5.5" and 5.49 <= summary["bits_per_weight"] <= 5.5
     assert {"Q4_K", "Q6_K"} & {tensor["qtype"] for tensor in summary["tensors"]}
     assert summary["written"] is False and not list(tmp_path.glob("*.gguf"))
+
+
+def test_help_gives_every_subcommand_a_line_of_its_own():
+    from bpwopt.cli.main import SUBCOMMANDS
+
+    description = build_quantize_parser().format_help()
+    for name in SUBCOMMANDS:
+        assert any(line.split()[:1] == [name] and len(line.split()) > 2 for line in description.splitlines()), name

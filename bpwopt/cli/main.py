@@ -169,9 +169,17 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         usage=(
             "bpwopt [options] IN.gguf [OUT.gguf] TYPE [THREADS]\n"
             "       bpwopt [options] --target-size SIZE | --target-bpw X IN.gguf [OUT.gguf] [TYPE] [THREADS]\n"
-            "       bpwopt inspect FILE"
+            "       bpwopt {inspect,eval,plot,calibrate,tune} ... (bpwopt SUBCOMMAND --help)"
         ),
-        description="Quantize a GGUF model as llama-quantize does (drop-in). Subcommands: inspect.",
+        description=(
+            "Quantize a GGUF model as llama-quantize does (drop-in), or to a size or bits-per-weight target.\n\n"
+            "subcommands:\n"
+            "  inspect    tensors, types, bytes and bits per weight of any GGUF\n"
+            "  eval       KL divergence, top-token agreement and perplexity of a quantized model against its base\n"
+            "  plot       plots of a state file: trade-off, a plan's bits per layer, per-tensor errors\n"
+            "  calibrate  measure per-group sensitivities by noise injection; later solves use them\n"
+            "  tune       fit the objective's per-class and depth factors to measured KLD"
+        ),
         epilog="TYPE (name or number):\n" + format_presets_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
