@@ -27,11 +27,11 @@ from tqdm import tqdm
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.imatrix import Imatrix
 from bpwopt.formats.splits import ModelFiles
+from bpwopt.measure.records import Measurement, TensorRecord
 from bpwopt.policy.llama import TensorPlan, fallback_type
 from bpwopt.quant import codec
 from bpwopt.quant.types import QUANT_TYPES, row_bytes
 from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
-from bpwopt.state.store import Measurement, TensorRecord
 
 Q = GGMLQuantizationType
 DEFAULT_CANDIDATES = (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.Q8_0, Q.IQ4_XS, Q.IQ4_NL, Q.Q4_0, Q.Q5_0, Q.Q5_1)

@@ -31,6 +31,7 @@ from sqlite_utils import Database
 
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import fsync_path
+from bpwopt.measure.records import Measurement, TensorRecord
 
 STATE_FORMAT_VERSION = 1
 VALUE_TABLES = ("sensitivities", "weights", "tuned")
@@ -58,36 +59,6 @@ class StateIdentity:
     candidates: tuple[str, ...]  # candidate type names as requested, e.g. ("Q2_K", "Q3_K", ...)
     sampling: str  # canonical text of the sampling settings, e.g. "rows<=1024;seed=0" or "precise"
     format_version: int = STATE_FORMAT_VERSION
-
-
-@dataclass(frozen=True)
-class TensorRecord:
-    """A measured tensor as the solver needs it; energies make its errors relative."""
-
-    name: str
-    shape: tuple[int, ...]  # GGUF order: shape[0] is the row length
-    elements: int
-    source_type: str  # ggml type name in the input file
-    category: str  # tensor class (attn_v, ffn_down, output, ...)
-    layer: int | None  # block index, None outside the blocks
-    weight_energy: float  # Σ w x² of the tensor (imatrix-weighted, or plain without one)
-    plain_energy: float  # Σ x²
-
-
-@dataclass(frozen=True)
-class Measurement:
-    """The error one candidate type adds to one tensor, and what that type costs in bytes."""
-
-    tensor: str
-    qtype: str  # ggml type name
-    nbytes: int  # bytes of the tensor's data in this type
-    weighted_sse: float  # estimate of the whole tensor's Σ w(x−x̂)²
-    sse: float  # estimate of the whole tensor's Σ (x−x̂)²
-    weighted_sse_stderr: float  # standard error of weighted_sse (0 when every row was measured)
-    sse_stderr: float  # standard error of sse
-    rows_measured: int
-    rows_total: int
-    seconds: float  # wall time of the measurement
 
 
 @dataclass(frozen=True)
