@@ -249,15 +249,6 @@ def parse_ggml_type_name(text: str) -> GGMLQuantizationType:
     return ggml_type
 
 
-def require_producible(preset: Preset) -> None:
-    """Raise BpwoptError when bpwopt cannot write this preset's types yet."""
-    if not preset.producible:
-        raise BpwoptError(
-            f"preset {preset.name} is not supported by bpwopt yet; supported: "
-            + ", ".join(p.name for p in PRESETS if p.producible)
-        )
-
-
 def format_presets_help() -> str:
     """The "allowed quantization types" listing of llama-quantize's usage, one preset a line."""
     lines = []
