@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+
 import gguf
 import numpy as np
 import pytest
@@ -10,13 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpwopt
+from bpwopt.errors import BpwoptError
 from bpwopt.formats.imatrix import Imatrix
+from bpwopt.measure import backends
 from bpwopt.measure.measure import (
     DEFAULT_CANDIDATES,
     Sampling,
+    TensorTask,
     candidate_types,
     estimate_total,
     load_rows,
+    measure_tensor,
+    measure_tensors,
     measure_type,
     sample_rows,
 )
@@ -103,11 +112,11 @@ def test_whole_tensor_measurement_equals_the_kernels_error(demo_reader, qtype):
     tensor = _tensor(demo_reader, "blk.3.ffn_down.weight")
     weights = np.random.default_rng(0).random(int(tensor.shape[0])).astype(np.float32)
     imatrix = Imatrix(path="x", entries={tensor.name: weights})
-    rows = load_rows(tensor, imatrix, Sampling())
+    rows = load_rows(tensor, imatrix.weights_for(tensor.name, 1536, 1), Sampling())
     measurement = measure_type(rows, qtype, rows.values.shape[0])
     expected = bpwopt.quant_error(rows.values, qtype, weights)
-    assert (measurement.weighted_sse, measurement.sse) == pytest.approx(expected, rel=1e-12)
-    assert measurement.weighted_sse_stderr == 0 and measurement.rows_measured == rows.values.shape[0]
+    assert (measurement.value("weighted_sse"), measurement.value("sse")) == pytest.approx(expected, rel=1e-12)
+    assert measurement.statistics["weighted_sse"].stderr == 0 and measurement.rows_measured == rows.values.shape[0]
     assert measurement.nbytes == rows.values.shape[0] * get_quant_type(qtype).row_bytes(1536)
 
 
@@ -117,12 +126,77 @@ def test_sampled_embedding_estimate_is_close_to_the_whole(demo_reader):
     sampled = measure_type(load_rows(tensor, None, Sampling(max_rows=2048)), Q.Q4_0, total_rows)
     whole = measure_type(load_rows(tensor, None, Sampling(precise=True)), Q.Q4_0, total_rows)
     assert sampled.rows_measured == 2048 and whole.rows_measured == total_rows
-    assert abs(sampled.sse - whole.sse) < 4 * sampled.sse_stderr
-    assert sampled.sse_stderr < 0.05 * sampled.sse
+    estimate, exact = sampled.statistics["sse"], whole.statistics["sse"]
+    assert abs(estimate.value - exact.value) < 4 * estimate.stderr
+    assert estimate.stderr < 0.05 * estimate.value
 
 
 def test_source_type_costs_nothing(demo_reader):
     # the write stage copies a tensor whose target is its source type: it adds no error
     tensor = _tensor(demo_reader, "blk.0.attn_q.weight")
     measurement = measure_type(load_rows(tensor, None, Sampling()), Q.Q4_1, 576)
-    assert measurement.sse == 0 and measurement.weighted_sse == 0
+    assert measurement.value("sse") == 0 and measurement.value("weighted_sse") == 0
+
+
+def _task(model_path, name: str, types: tuple[str, ...], weights=None, **changes) -> TensorTask:
+    fields = dict(model_path=str(model_path), tensor=name, category="ffn_down", types=types, weights=weights,
+                  sampling=Sampling(max_rows=64), needs_record=True, elements=1536 * 576)  # fmt: skip
+    return TensorTask(**{**fields, **changes})
+
+
+def test_a_task_is_plain_data_and_measures_what_the_kernels_measure(demo_model_path, demo_reader):
+    tensor = _tensor(demo_reader, "blk.3.ffn_down.weight")
+    weights = np.random.default_rng(1).random((1, 1536)).astype(np.float32)
+    task = pickle.loads(pickle.dumps(_task(demo_model_path, tensor.name, ("Q4_K", "Q8_0"), weights)))
+    result = pickle.loads(pickle.dumps(measure_tensor(task)))
+    rows = load_rows(tensor, weights, Sampling(max_rows=64))
+    assert result.tensor == tensor.name and [m.qtype for m in result.measurements] == ["Q4_K", "Q8_0"]
+    for measurement in result.measurements:
+        direct = measure_type(rows, Q[measurement.qtype], 576)
+        assert measurement.statistics == direct.statistics and measurement.nbytes == direct.nbytes
+    record = result.record
+    assert (record.name, record.shape, record.category, record.layer) == (tensor.name, (1536, 576), "ffn_down", 3)
+    assert (record.elements, record.source_type) == (1536 * 576, "Q4_1")
+    assert measure_tensor(_task(demo_model_path, tensor.name, (), needs_record=False)).record is None
+
+
+def test_a_task_of_a_tensor_the_model_lacks_is_a_clear_error(demo_model_path):
+    with pytest.raises(BpwoptError, match=r"has no tensor blk\.99\.ffn_down\.weight"):
+        measure_tensor(_task(demo_model_path, "blk.99.ffn_down.weight", ("Q8_0",)))
+
+
+class _ProcessPool:
+    """An executor of another kind: a pool of fresh (spawned) processes, as a cluster's workers would be."""
+
+    def map(self, function, tasks):
+        with ProcessPoolExecutor(max_workers=2, mp_context=get_context("spawn")) as pool:
+            yield from pool.map(function, tasks)
+
+
+@pytest.mark.slow  # two fresh Python processes import numba
+def test_tasks_run_in_other_processes_give_the_same_results(demo_model_path):
+    tasks = [_task(demo_model_path, f"blk.{layer}.ffn_down.weight", ("Q4_0", "Q5_1")) for layer in (0, 5)]
+    here, there = [], []
+    measure_tensors(tasks, here.append, progress=False)
+    measure_tensors(tasks, there.append, executor=_ProcessPool(), progress=False)
+    key = {result.tensor: result for result in there}
+    assert len(here) == len(there) == 2
+    for result in here:
+        assert result.record == key[result.tensor].record
+        assert [m.statistics for m in result.measurements] == [m.statistics for m in key[result.tensor].measurements]
+
+
+def test_a_registered_backend_computes_the_errors(demo_model_path, monkeypatch):
+    calls = []
+
+    class Counting:
+        def row_errors(self, rows, qtype, weights):
+            calls.append(qtype.name)
+            return np.full(rows.shape[0], 2.0), np.full(rows.shape[0], 1.0)
+
+    monkeypatch.setitem(backends.BACKENDS, "counting", Counting())
+    task = _task(demo_model_path, "blk.0.ffn_down.weight", ("Q4_0", "Q8_0"), backend="counting")
+    result = measure_tensor(task)
+    assert calls == ["Q4_0", "Q8_0"]
+    # 2 per measured row, scaled up to the tensor's 576 rows by the stratified estimate
+    assert [m.value("weighted_sse") for m in result.measurements] == pytest.approx([2.0 * 576] * 2)

@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from bpwopt.errors import BpwoptError
-from bpwopt.solve.objective import OBJECTIVES, check_objective, default_objective, option_errors
-from bpwopt.state.store import Measurement, TensorRecord
+from bpwopt.measure.records import Estimate, Measurement, TensorRecord
+from bpwopt.solve.objective import REGISTRY, default_objective, get_objective, option_errors
 
 RECORD = TensorRecord("blk.3.ffn_down.weight", (1536, 576), 884_736, "F16", "ffn_down", 3, 50.0, 40.0)
 
 
+def measurement(tensor: str, qtype: str, nbytes: int, weighted: float, plain: float, rows: int = 8) -> Measurement:
+    statistics = {"weighted_sse": Estimate(weighted, 0.0), "sse": Estimate(plain, 0.0)}
+    return Measurement(tensor, qtype, nbytes, statistics, rows, rows, 0.1)
+
+
 def measured(*weighted_sse: float) -> list[Measurement]:
-    return [Measurement(RECORD.name, f"T{i}", 100 * (i + 1), e, 2 * e, 0.0, 0.0, 8, 8, 0.1)
-            for i, e in enumerate(weighted_sse)]  # fmt: skip
+    return [measurement(RECORD.name, f"T{i}", 100 * (i + 1), e, 2 * e) for i, e in enumerate(weighted_sse)]
 
 
 # measured(e): weighted error e, plain error 2e; RECORD: weighted signal 50, plain signal 40, 884,736 weights
@@ -34,7 +39,7 @@ def test_per_weight_does_not_let_one_huge_imatrix_channel_make_a_tensor_look_fre
     # blk.11.ffn_down of SmolLM2: 90 % of its imatrix in one channel, Q2_K's weighted relative error 2e-4
     # against a plain relative error of 8e-2; the plain half keeps it near the 4e-2 an ordinary tensor shows
     skewed = TensorRecord("blk.11.ffn_down.weight", (1536, 576), 884_736, "F16", "ffn_down", 11, 1.0, 1.0)
-    q2_k = Measurement(skewed.name, "Q2_K", 290_304, 2e-4, 8e-2, 0.0, 0.0, 576, 576, 0.1)
+    q2_k = measurement(skewed.name, "Q2_K", 290_304, 2e-4, 8e-2, rows=576)
     assert option_errors("relative", [q2_k], skewed).tolist() == pytest.approx([2e-4])
     assert option_errors("per-weight", [q2_k], skewed).tolist() == pytest.approx([884_736 * 0.5 * (2e-4 + 8e-2)])
 
@@ -52,8 +57,19 @@ def test_an_unusable_stored_error_or_weight_is_a_damaged_state(bad):
         option_errors("relative", measured(1.0), RECORD, weight=bad)
 
 
-def test_objective_names_and_the_default():
-    assert OBJECTIVES == ("wsse", "relative", "per-weight")
+def test_an_unknown_objective_names_the_registered_ones_and_the_default_depends_on_calibration():
     with pytest.raises(ValueError, match="valid: wsse, relative, per-weight"):
-        check_objective("mse")
+        get_objective("mse")
     assert default_objective({}) == "per-weight" and default_objective({"attn_v@0-9": 2.0}) == "relative"
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_an_objective_reads_only_the_statistics_it_declares(name):
+    declared = REGISTRY[name].statistics
+    full = measured(4.0)
+    only_declared = [replace(m, statistics={s: m.statistics[s] for s in declared}) for m in full]
+    assert option_errors(name, only_declared, RECORD).tolist() == option_errors(name, full, RECORD).tolist()
+    for lacking in declared:
+        partial = [replace(m, statistics={s: e for s, e in m.statistics.items() if s != lacking}) for m in full]
+        with pytest.raises(BpwoptError, match=f"no {lacking} for it; measure it again"):
+            option_errors(name, partial, RECORD)

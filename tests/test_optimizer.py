@@ -101,10 +101,12 @@ def test_resolving_from_the_state_measures_nothing(demo_model_path, measured_sta
 
 
 def test_plan_beats_the_preset_at_the_same_size(demo_model_path, measured_state):
-    report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=5.5), type_text="Q4_K_M"))
+    target = Target(bits_per_weight=5.5)
+    report = optimize_file(job(demo_model_path, measured_state, target, type_text="Q4_K_M", compare_presets=True))
     (comparison,) = report.comparisons
     assert comparison.name == "Q4_K_M"
     assert comparison.optimized_error <= comparison.predicted_error
+    assert optimize_file(job(demo_model_path, measured_state, target, type_text="Q4_K_M")).comparisons == ()
 
 
 def test_written_plan_loads_and_generates(demo_model_path, measured_state, tmp_path, capsys):

@@ -13,6 +13,7 @@ from bpwopt.cli.main import main
 from bpwopt.errors import BpwoptError
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.measure.measure import Sampling
+from bpwopt.measure.records import Estimate
 from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.quality.plots import (
     parse_formats,
@@ -46,6 +47,11 @@ NORM_ELEMENTS = 256  # blk.0.attn_norm.weight: F32, never varied, in every plan 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def both_statistics(error: float) -> dict[str, Estimate]:
+    """The same error imatrix-weighted and plain, both exact."""
+    return {"weighted_sse": Estimate(error, 0.0), "sse": Estimate(error, 0.0)}
+
+
 def plan_of(qtype: str, target: str) -> PlanRecord:
     """Every measured tensor at qtype, plus the F32 norm the solver never varies."""
     elements = sum(e for _, _, e in TENSORS.values()) + NORM_ELEMENTS
@@ -67,7 +73,7 @@ def state_path(tmp_path) -> Path:
             for qtype, bpw in BPW.items():
                 error = 2.0 * RELATIVE_ERROR[qtype] * (3 if category == "token_embd" else 1)
                 state.add_measurement(
-                    Measurement(name, qtype, int(elements * bpw / 8), error, error, 0.0, 0.0, 64, 64, 0.01)
+                    Measurement(name, qtype, int(elements * bpw / 8), both_statistics(error), 64, 64, 0.01)
                 )
         first = state.add_plan(plan_of("Q4_0", "bpw<=4.6"))
         second = state.add_plan(plan_of("Q8_0", "bpw<=9"))
@@ -166,7 +172,7 @@ def test_state_without_plans_draws_only_the_tensor_errors(tmp_path):
     path = tmp_path / "empty.bpw_state"
     with StateFile.open(path, IDENTITY) as state:
         state.add_tensors([TensorRecord("blk.0.attn_q.weight", (256, 4), 1024, "F16", "attn_q", 0, 1.0, 1.0)])
-        state.add_measurement(Measurement("blk.0.attn_q.weight", "Q4_0", 576, 0.01, 0.01, 0, 0, 4, 4, 0.0))
+        state.add_measurement(Measurement("blk.0.attn_q.weight", "Q4_0", 576, both_statistics(0.01), 4, 4, 0.0))
 
     written, skipped = plot_state(path, tmp_path / "plots", formats=("png",))
 

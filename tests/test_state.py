@@ -18,7 +18,9 @@ import pytest
 
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import file_sha256
+from bpwopt.measure.records import Estimate
 from bpwopt.state.store import (
+    STATE_FORMAT_VERSION,
     Measurement,
     PlanRecord,
     StateFile,
@@ -43,10 +45,26 @@ def tensor(name: str = "blk.0.attn_v.weight", layer: int | None = 0) -> TensorRe
 
 
 def measurement(tensor_name: str = "blk.0.attn_v.weight", qtype: str = "Q4_K") -> Measurement:
-    return Measurement(
-        tensor_name, qtype, 9216, weighted_sse=0.125, sse=0.0625, weighted_sse_stderr=0.01, sse_stderr=0.005,
-        rows_measured=32, rows_total=64, seconds=0.25,
-    )  # fmt: skip
+    statistics = {"weighted_sse": Estimate(0.125, 0.01), "sse": Estimate(0.0625, 0.005)}
+    return Measurement(tensor_name, qtype, 9216, statistics, rows_measured=32, rows_total=64, seconds=0.25)
+
+
+# Root writes anywhere: dropping CAP_DAC_OVERRIDE makes the process obey file modes as a user's does.
+_OBEY_FILE_MODES = """
+import ctypes, os
+if os.geteuid() == 0:
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
+    caps = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) × two 32-bit words
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.capget(header, caps) == 0
+    caps[0] &= ~(1 << 1)  # CAP_DAC_OVERRIDE
+    assert libc.capset(header, caps) == 0, ctypes.get_errno()
+"""
+
+
+def run_python_as_a_user(code: str) -> subprocess.CompletedProcess:
+    """run_python, with file modes obeyed even when the tests run as root."""
+    return run_python(_OBEY_FILE_MODES + textwrap.dedent(code))
 
 
 def run_python(code: str, **kwargs) -> subprocess.CompletedProcess | subprocess.Popen:
@@ -105,8 +123,9 @@ def test_set_values_replaces_the_whole_table(state_path):
 def test_nan_errors_come_back_as_nan(state_path):
     with StateFile.open(state_path, IDENTITY) as state:
         state.add_tensors([tensor()])
-        state.add_measurement(replace(measurement(), weighted_sse=math.nan))
-        assert math.isnan(state.measurements()[("blk.0.attn_v.weight", "Q4_K")].weighted_sse)
+        nan = {"weighted_sse": Estimate(math.nan, math.nan), "sse": Estimate(1.0, 0.0)}
+        state.add_measurement(replace(measurement(), statistics=nan))
+        assert math.isnan(state.measurements()[("blk.0.attn_v.weight", "Q4_K")].value("weighted_sse"))
 
 
 def test_adding_a_tensor_again_is_harmless_but_a_conflicting_one_is_refused(state_path):
@@ -170,15 +189,67 @@ def test_a_state_measured_without_an_imatrix_is_refused_for_a_run_with_one(state
         StateFile.open(state_path, IDENTITY)
 
 
-def test_a_state_of_another_format_version_is_refused(state_path):
+def test_a_state_of_a_newer_format_version_is_refused_untouched(state_path):
     StateFile.open(state_path, IDENTITY).close()
+    newer = STATE_FORMAT_VERSION + 1
     with sqlite3.connect(state_path) as db:
-        db.execute("UPDATE identity SET value = '2' WHERE key = 'format_version'")
+        db.execute(f"UPDATE identity SET value = '{newer}' WHERE key = 'format_version'")
     db.close()
-    with pytest.raises(BpwoptError, match="has format version 2, this bpwopt reads 1"):
+    before = state_path.read_bytes()
+    message = rf"format version {newer} \(written by a newer bpwopt\), this bpwopt reads 1 to {STATE_FORMAT_VERSION}"
+    with pytest.raises(BpwoptError, match=message):
         StateFile.open(state_path, IDENTITY)
-    with pytest.raises(BpwoptError, match="has format version 2, this bpwopt reads 1"):
+    with pytest.raises(BpwoptError, match=message):
         read_identity(state_path)
+    assert state_path.read_bytes() == before
+
+
+FORMAT_1 = Path(__file__).parent / "data" / "state-format-1.bpw_state"  # written by the release before format 2
+
+
+def test_a_format_1_state_is_migrated_on_open_and_keeps_everything(tmp_path):
+    path = tmp_path / "old.bpw_state"
+    path.write_bytes(FORMAT_1.read_bytes())
+    identity = read_identity(path)
+    assert identity == StateIdentity("ab" * 32, "tiny-llama", "cd" * 32, ("Q4_K", "Q8_0"), "rows<=1024;seed=0")
+    with StateFile.open(path, identity) as state:
+        assert sorted(state.tensors()) == ["blk.0.attn_v.weight", "blk.0.ffn_down.weight", "token_embd.weight"]
+        assert state.tensors()["token_embd.weight"].layer is None
+        measurements = state.measurements()
+        assert len(measurements) == 6
+        q4_k = measurements[("blk.0.ffn_down.weight", "Q4_K")]
+        assert q4_k.statistics == {"weighted_sse": Estimate(0.1, 0.001), "sse": Estimate(0.05, 0.0005)}
+        assert (q4_k.nbytes, q4_k.rows_measured, q4_k.rows_total) == (73728, 64, 1000)
+        (plan_id, plan), = state.plans()
+        assert plan.types["blk.0.attn_v.weight"] == "Q8_0" and plan.file_bytes == 240000
+        assert state.evaluations()[0]["plan_id"] == plan_id
+        assert state.evaluations()[0]["metrics"] == {"mean_kld": 0.0123, "mean_kld_stderr": 0.0004}
+        assert state.values("weights") == {"attn_v@0-0": 2.0, "ffn_down": 0.5}
+        state.add_measurement(replace(q4_k, qtype="Q6_K"))  # the migrated state takes new measurements
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (STATE_FORMAT_VERSION,)
+        assert db.execute("PRAGMA foreign_key_check").fetchall() == []
+        assert "weighted_sse" not in {row[1] for row in db.execute("PRAGMA table_info(measurements)")}
+    db.close()
+    with StateFile.open(path, identity) as state:  # and opens again as a current one
+        assert len(state.measurements()) == 7
+
+
+def test_a_format_1_state_in_a_read_only_file_is_refused_unmigrated(tmp_path):
+    path = tmp_path / "old.bpw_state"
+    path.write_bytes(FORMAT_1.read_bytes())
+    path.chmod(0o444)
+    attempt = run_python_as_a_user(f"""
+        from bpwopt.errors import BpwoptError
+        from bpwopt.state.store import StateFile, read_identity
+        try:
+            StateFile.open({str(path)!r}, read_identity({str(path)!r})).close()
+            print("opened")
+        except BpwoptError as error:
+            print(error)
+    """)
+    assert attempt.stdout == f"state file {path} is read-only\n", attempt.stderr
+    assert path.read_bytes() == FORMAT_1.read_bytes()
 
 
 def _valid_state_bytes(path: Path) -> bytes:
@@ -225,11 +296,13 @@ def test_a_directory_is_not_a_state_file(tmp_path):
 def test_measurements_survive_kill_9_right_after_they_are_added(state_path):
     killed = run_python(f"""
         import os, signal
+        from bpwopt.measure.records import Estimate
         from bpwopt.state.store import Measurement, StateFile, StateIdentity, TensorRecord
         state = StateFile.open({str(state_path)!r}, {IDENTITY!r})
         state.add_tensors([TensorRecord(f"t{{i}}", (256,), 256, "F32", "other", None, 1.0, 1.0) for i in range(10)])
         for i in range(40):
-            state.add_measurement(Measurement(f"t{{i % 10}}", f"Q{{i // 10}}", i, 1.0, 1.0, 0.0, 0.0, 1, 1, 0.0))
+            stats = {{"weighted_sse": Estimate(1.0, 0.0), "sse": Estimate(1.0, 0.0)}}
+            state.add_measurement(Measurement(f"t{{i % 10}}", f"Q{{i // 10}}", i, stats, 1, 1, 0.0))
         print(40, flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
     """)
@@ -270,17 +343,10 @@ def test_a_read_only_directory_is_refused(tmp_path):
     StateFile.open(existing, IDENTITY).close()
     tmp_path.chmod(0o555)
     try:
-        attempt = run_python(f"""
-            import ctypes, os
+        attempt = run_python_as_a_user(f"""
+            import os
             from bpwopt.errors import BpwoptError
             from bpwopt.state.store import StateFile, StateIdentity
-            if os.geteuid() == 0:  # root writes anywhere: drop CAP_DAC_OVERRIDE so that it obeys modes as a user does
-                header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this process
-                caps = (ctypes.c_uint32 * 6)()  # (effective, permitted, inheritable) × two 32-bit words
-                libc = ctypes.CDLL(None, use_errno=True)
-                assert libc.capget(header, caps) == 0
-                caps[0] &= ~(1 << 1)  # CAP_DAC_OVERRIDE
-                assert libc.capset(header, caps) == 0, ctypes.get_errno()
             for name in ("new.bpw_state", "sub/new.bpw_state", "existing.bpw_state"):
                 try:
                     StateFile.open(os.path.join({str(tmp_path)!r}, name), {IDENTITY!r}).close()

@@ -118,11 +118,13 @@ def _tune(args: argparse.Namespace) -> None:
         input_path=args.model, output_path=None, target=budgets[0],
         options=QuantizeOptions(allow_requantize=args.allow_requantize), imatrix_path=args.imatrix,
         candidates=parse_candidates(args.candidates), sampling=Sampling(max_rows=args.sample_rows),
-        state_path=args.state_file, objective=args.objective, threads=args.threads, progress=not args.quiet,
+        state_path=args.state_file, objective=args.objective, progress=not args.quiet,
     )  # fmt: skip
+    _set_threads(args.threads)
     report = tune(
-        solve, budgets, trials=args.trials, ctx=args.ctx, chunks=args.chunks, seed=args.seed, progress=not args.quiet
-    )
+        solve, budgets, trials=args.trials, ctx=args.ctx, chunks=args.chunks, seed=args.seed, threads=args.threads,
+        progress=not args.quiet,
+    )  # fmt: skip
     if args.json:
         summary = {"study": report.study_name, "storage": str(report.storage), "trials": len(report.trials),
                    "budgets": [b.describe() for b in report.budgets]}  # fmt: skip
@@ -342,7 +344,7 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
         "progress": not args.quiet and not args.json,
     }
     if target is None:
-        return QuantizeJob(type_text=where.type_text, threads=where.threads, **common)
+        return QuantizeJob(type_text=where.type_text, **common)
     if not (math.isfinite(args.time_limit) and args.time_limit >= 0):
         raise BpwoptError(f"invalid --time-limit {args.time_limit}: expected a number of seconds, 0 or more")
     return OptimizeJob(
@@ -355,7 +357,7 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
         objective=args.objective,
         ignore_importance=args.ignore_tensor_importance,
         time_limit=args.time_limit,
-        threads=args.threads or where.threads,
+        compare_presets=True,
         **common,
     )
 
@@ -372,10 +374,10 @@ def _set_threads(threads: int | None) -> None:
 
 def _quantize(args: argparse.Namespace) -> None:
     job = _job_from_args(args)
+    _set_threads(args.threads or parse_positionals(args.positionals, has_target=isinstance(job, OptimizeJob)).threads)
     if isinstance(job, OptimizeJob):
         _optimize(job, args.json)
         return
-    _set_threads(job.threads or args.threads)
     report = quantize_file(job)
     log = sys.stderr
     print(f"bpwopt: {report.type_reading}", file=log)
@@ -390,7 +392,6 @@ def _quantize(args: argparse.Namespace) -> None:
 
 
 def _optimize(job: OptimizeJob, as_json: bool) -> None:
-    _set_threads(job.threads)
     report = optimize_file(job)
     if as_json:
         print(json.dumps(report_as_dict(report), indent=2))

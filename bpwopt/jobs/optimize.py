@@ -33,19 +33,24 @@ from bpwopt.jobs.quantize import (
     tensor_output_bytes,
     write_request,
 )
-from bpwopt.measure.measure import DEFAULT_CANDIDATES, MeasureTask, Sampling, candidate_types, measure_tensors
+from bpwopt.measure.measure import (
+    DEFAULT_CANDIDATES,
+    Sampling,
+    TensorResult,
+    TensorTask,
+    candidate_types,
+    measure_tensors,
+)
+from bpwopt.measure.records import STATISTICS
 from bpwopt.policy.llama import QuantizeOptions, TensorPlan, TypePlan, check_plan_writable, is_quantized, plan_types
 from bpwopt.policy.presets import PRESETS, Preset, parse_type_argument
-from bpwopt.solve.objective import default_objective, option_errors, tensor_weights
-from bpwopt.solve.solver import TensorOptions, byte_range, solve
+from bpwopt.solve.objective import default_objective, tensor_weights
+from bpwopt.solve.problem import Problem, useful_range
+from bpwopt.solve.problem import build_problem as assemble_problem
+from bpwopt.solve.solver import Solution, solve
 from bpwopt.solve.targets import Target
-from bpwopt.state.store import (
-    PlanRecord,
-    StateFile,
-    StateIdentity,
-    TensorRecord,
-    default_state_path,
-)
+from bpwopt.source.rows import expert_count
+from bpwopt.state.store import PlanRecord, StateFile, StateIdentity, default_state_path
 from bpwopt.write.model_writer import KeyValue, WriteRequest, planned_file_bytes, tensor_alignments, write_model
 
 _BPW_TOLERANCE = 0.01  # a bpw target lands at most this far below; so the top of the range may be that close
@@ -72,7 +77,7 @@ class OptimizeJob:
     ignore_importance: bool = False  # --ignore-tensor-importance: no stored per-group weights or tuned factors
     tuning: dict[str, float] | None = None  # class and depth factors (bpwopt.quality.tune's trials); None: the state's
     record_plan: bool = True  # store the plan in the state (a tuning trial's plans are not kept)
-    threads: int | None = None
+    compare_presets: bool = False  # solve again at the nearest presets' sizes, for the report (the CLI's)
     time_limit: float = 10.0  # seconds for the exact (MILP) stage
     dry_run: bool = False
     progress: bool = True
@@ -128,86 +133,45 @@ class OptimizeReport:
 
 
 @dataclass(frozen=True)
-class Problem:
-    """The optimization the solver sees: options of the varied tensors, and the fixed rest."""
+class _Policy:
+    """What llama.cpp's policy makes of the model: its base plan, the tensors bpwopt varies and their types."""
 
-    base: TypePlan  # the policy's plan; varied tensors are replaced by the solver's choice
+    source: SourceModel
+    recipe: Preset
+    base: TypePlan
     varied: tuple[TensorPlan, ...]
-    options: tuple[TensorOptions, ...]  # same order as varied
-    fixed_cost: int  # bytes of everything not varied, in the target's units
-    elements: int
-
-    def types(self, choice: np.ndarray) -> dict[str, GGMLQuantizationType]:
-        """Written name -> type for a solver choice, in output order."""
-        chosen = {
-            plan.name: GGMLQuantizationType[opts.labels[index]]
-            for plan, opts, index in zip(self.varied, self.options, choice, strict=True)
-        }
-        return {t.name: chosen.get(t.name, t.target_type) for t in self.base.tensors}
+    types_of: dict[str, tuple[GGMLQuantizationType, ...]]  # source name -> candidate types that fit it
 
 
 def optimize_file(job: OptimizeJob) -> OptimizeReport:
     """Measure what is missing, solve for job.target, and (unless a dry run) write the plan."""
-    if job.options.prune_layers:
-        raise BpwoptError("--prune-layers together with --target-bpw/--target-size is not supported yet")
-    source = open_source(job.input_path, job.imatrix_path, job.options)
-    if source.model.architecture == "clip":
-        raise BpwoptError("--target-bpw/--target-size do not take CLIP / mmproj files yet; give a TYPE instead")
-    recipe = parse_type_argument(job.type_text or _DEFAULT_RECIPE, is_clip=source.model.architecture == "clip")
-    base = plan_types(source.specs, source.model, recipe.preset, source.options, check_writable=False)
-    varied = tuple(t for t in base.tensors if t.quantizable and not t.pinned)
-    _refuse_requantize(varied, source.options)
-    types_of = {t.source_name: candidate_types(t.shape[0], job.candidates) for t in varied}
-    if job.type_text:
-        types_of = _with_recipe_types(types_of, varied)
+    policy = _apply_policy(job)
     output_path = job.output_path or default_output_path(job.input_path, job.target.file_label())
-    output_path = output_base(output_path, job.options)
-    identity = _identity(source, job)
+    output_path = output_base(output_path, policy.source.options)
+    identity = _identity(policy.source, job)
     with _open_state(job, identity) as state:
-        measured, reused = _measure(source, state, varied, types_of, job)
-        group_weights = {} if job.ignore_importance else state.values("weights")  # calibrated sensitivities
-        job = replace(job, objective=job.objective or default_objective(group_weights))
-        template = write_request(source, base.types(), 0, job.overrides, _provenance_template(job))
-        problem = _problem(source, base, varied, types_of, state, job, tensor_alignments(template), group_weights)
-        reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
-        header = _header_bytes(source, base, template) if job.target.counts_whole_file else 0
-        budget = _budget(job.target, problem, header, reachable)
-        solution = solve(problem.options, budget, time_limit=job.time_limit)
+        measured, reused = _measure(policy, state, job)
+        job, problem, template = build_problem(policy, state, job)
+        solution, reachable = _solve_for_target(policy, problem, template, job)
         types = problem.types(solution.choice)
-        provenance = _provenance(job, identity, solution)
-        request = write_request(source, types, _file_type(base, types, job), job.overrides, provenance, job.progress)
+        request = write_request(policy.source, types, _file_type(policy.base, types, job), job.overrides,
+                                _provenance(job, identity, solution), job.progress)  # fmt: skip
         file_bytes = planned_file_bytes(request)
-        check_plan_writable(_final_plan(base, types), source.options)
-        tensors = _chosen_tensors(problem, solution.choice, source)
-        elements = problem.elements
-        data_bytes = sum(t.data_bytes for t in tensors)
         if job.target.file_bytes is not None and file_bytes > job.target.file_bytes:
             raise BpwoptError(f"internal error: plan of {file_bytes} bytes exceeds the target {job.target.file_bytes}")
-        comparisons = _comparisons(source, problem, job, recipe.preset, _choice_cost(problem, solution.choice))
-        written_paths = [] if job.dry_run else check_output_paths(source, request, output_path)
-        if written_paths:
-            written = write_model(request, output_path)
-            if written != file_bytes:
-                raise BpwoptError(f"internal error: wrote {written} bytes, predicted {file_bytes}")
+        check_plan_writable(_final_plan(policy.base, types), policy.source.options)
+        tensors = _chosen_tensors(problem, solution.choice, policy.source)
+        data_bytes = sum(t.data_bytes for t in tensors)
+        comparisons = _comparisons(policy, problem, job, problem.cost(solution.choice)) if job.compare_presets else ()
+        written_paths = _write(policy.source, request, output_path, file_bytes) if not job.dry_run else []
         if (job.save_state or job.state_path) and job.record_plan:
-            state.add_plan(
-                PlanRecord(
-                    target=job.target.describe(),
-                    objective=job.objective,
-                    types={name: t.name for name, t in types.items()},
-                    predicted_error=solution.total_error,
-                    total_bytes=data_bytes,
-                    file_bytes=file_bytes,
-                    bits_per_weight=8.0 * data_bytes / elements,
-                    gap=solution.gap,
-                )
-            )
+            _record_plan(state, job, types, solution, data_bytes, file_bytes, problem.elements)
         state_path = state.path if (job.save_state or job.state_path) else None
     return OptimizeReport(
         output_path=written_paths[0] if written_paths else None,
         target=job.target,
         tensors=tensors,
-        elements=elements,
+        elements=problem.elements,
         data_bytes=data_bytes,
         file_bytes=file_bytes,
         objective=job.objective,
@@ -221,6 +185,100 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         state_path=state_path,
         written=not job.dry_run,
         shards=len(written_paths),
+    )
+
+
+def _apply_policy(job: OptimizeJob) -> _Policy:
+    """Open the model, run llama.cpp's policy, and give each tensor bpwopt may change its candidate types."""
+    if job.options.prune_layers:
+        raise BpwoptError("--prune-layers together with --target-bpw/--target-size is not supported yet")
+    source = open_source(job.input_path, job.imatrix_path, job.options)
+    if source.model.architecture == "clip":
+        raise BpwoptError("--target-bpw/--target-size do not take CLIP / mmproj files yet; give a TYPE instead")
+    recipe = parse_type_argument(job.type_text or _DEFAULT_RECIPE, is_clip=False)
+    base = plan_types(source.specs, source.model, recipe.preset, source.options, check_writable=False)
+    varied = tuple(t for t in base.tensors if t.quantizable and not t.pinned)
+    _refuse_requantize(varied, source.options)
+    types_of = {t.source_name: candidate_types(t.shape[0], job.candidates) for t in varied}
+    if job.type_text:
+        types_of = _with_recipe_types(types_of, varied)
+    return _Policy(source, recipe.preset, base, varied, types_of)
+
+
+def build_problem(policy: _Policy, state: StateFile, job: OptimizeJob) -> tuple[OptimizeJob, Problem, WriteRequest]:
+    """The solver's problem from the state's measurements, with the job's objective settled.
+
+    Returns the job with its objective filled in (the state's default when none was asked for), the
+    problem, and the base plan's write request (its alignments price each tensor; its header is the
+    size a target must leave for metadata).
+    """
+    group_weights = {} if job.ignore_importance else state.values("weights")  # calibrated sensitivities
+    job = replace(job, objective=job.objective or default_objective(group_weights))
+    template = write_request(policy.source, policy.base.types(), 0, job.overrides, _provenance_template(job))
+    alignment_of = tensor_alignments(template)
+    by_name = policy.source.tensors_by_name
+    records = state.tensors()
+    tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
+    varied_names = {t.name for t in policy.varied}
+    fixed_cost = sum(
+        _cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment_of[t.name])
+        for t in policy.base.tensors
+        if t.name not in varied_names
+    )
+    problem = assemble_problem(
+        policy.base,
+        policy.varied,
+        policy.types_of,
+        state.measurements(),
+        records,
+        job.objective,
+        tensor_weights(records, group_weights, tuning),
+        lambda tensor, nbytes: _cost(job, nbytes, alignment_of[tensor.name]),
+        fixed_cost,
+        sum(int(by_name[t.source_name].n_elements) for t in policy.base.tensors),
+    )
+    return job, problem, template
+
+
+def _solve_for_target(
+    policy: _Policy, problem: Problem, template: WriteRequest, job: OptimizeJob
+) -> tuple[Solution, tuple[int, int]]:
+    """The solver's plan for the job's target, and the reachable range (smallest, least-error) in its units."""
+    reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
+    header = _header_bytes(policy.source, policy.base, template) if job.target.counts_whole_file else 0
+    budget = _budget(job.target, problem, header, reachable)
+    return solve(problem.options, budget, time_limit=job.time_limit), reachable
+
+
+def _write(source: SourceModel, request: WriteRequest, output_path: Path, file_bytes: int) -> list[Path]:
+    """Write the plan; returns the files written (one, or the --keep-split shards)."""
+    written_paths = check_output_paths(source, request, output_path)
+    written = write_model(request, output_path)
+    if written != file_bytes:
+        raise BpwoptError(f"internal error: wrote {written} bytes, predicted {file_bytes}")
+    return written_paths
+
+
+def _record_plan(
+    state: StateFile,
+    job: OptimizeJob,
+    types: dict[str, GGMLQuantizationType],
+    solution: Solution,
+    data_bytes: int,
+    file_bytes: int,
+    elements: int,
+) -> None:
+    state.add_plan(
+        PlanRecord(
+            target=job.target.describe(),
+            objective=job.objective,
+            types={name: t.name for name, t in types.items()},
+            predicted_error=solution.total_error,
+            total_bytes=data_bytes,
+            file_bytes=file_bytes,
+            bits_per_weight=8.0 * data_bytes / elements,
+            gap=solution.gap,
+        )
     )
 
 
@@ -267,71 +325,50 @@ def _open_state(job: OptimizeJob, identity: StateIdentity) -> Iterator[StateFile
         yield state
 
 
-def _measure(
-    source: SourceModel, state: StateFile, varied: Sequence[TensorPlan], types_of: dict[str, tuple], job: OptimizeJob
-) -> tuple[int, int]:
-    """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused)."""
-    known = state.measurements()
+def _measure(policy: _Policy, state: StateFile, job: OptimizeJob) -> tuple[int, int]:
+    """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused).
+
+    A stored pair lacking a statistic this bpwopt computes (a state from before it existed) is measured again.
+    """
+    known = {key for key, m in state.measurements().items() if STATISTICS.keys() <= m.statistics.keys()}
     records = state.tensors()
+    by_name = policy.source.tensors_by_name
     tasks = []
-    for plan in varied:
-        wanted = types_of[plan.source_name]
-        missing = tuple(t for t in wanted if (plan.source_name, t.name) not in known)
-        tasks.append(MeasureTask(plan, wanted, missing, needs_record=plan.source_name not in records))
-    measured = sum(len(task.missing) for task in tasks)
-    reused = sum(len(task.types) for task in tasks) - measured
-    measure_tensors(
-        source.reader,
-        tasks,
-        source.imatrix,
-        job.sampling,
-        on_record=lambda record: state.add_tensors([record]),
-        on_measurement=state.add_measurement,
-        progress=job.progress,
-    )
+    for plan in policy.varied:
+        tensor = by_name[plan.source_name]
+        wanted = policy.types_of[plan.source_name]
+        missing = tuple(t.name for t in wanted if (plan.source_name, t.name) not in known)
+        weights = None
+        if policy.source.imatrix is not None:
+            weights = policy.source.imatrix.weights_for(tensor.name, int(tensor.shape[0]), expert_count(tensor))
+        tasks.append(
+            TensorTask(
+                model_path=str(policy.source.reader.paths[0]),
+                tensor=plan.source_name,
+                category=plan.category.value,
+                types=missing,
+                weights=weights,
+                sampling=job.sampling,
+                needs_record=plan.source_name not in records,
+                elements=int(tensor.n_elements),
+            )
+        )
+    measured = sum(len(task.types) for task in tasks)
+    reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
+    measure_tensors(tasks, lambda result: _store(state, result), progress=job.progress)
     return measured, reused
+
+
+def _store(state: StateFile, result: TensorResult) -> None:
+    if result.record is not None:
+        state.add_tensors([result.record])
+    for measurement in result.measurements:
+        state.add_measurement(measurement)
 
 
 def _cost(job: OptimizeJob, data_bytes: int, alignment: int) -> int:
     """An option's bytes in the target's units: padded in the file for size targets, raw for bpw."""
     return padded_size(data_bytes, alignment) if job.target.counts_whole_file else data_bytes
-
-
-def _problem(
-    source: SourceModel,
-    base: TypePlan,
-    varied: Sequence[TensorPlan],
-    types_of: dict[str, tuple],
-    state: StateFile,
-    job: OptimizeJob,
-    alignment_of: dict[str, int],
-    group_weights: dict[str, float],
-) -> Problem:
-    """alignment_of: written name -> data alignment of the file the tensor lands in (tensor_alignments)."""
-    measurements = state.measurements()
-    records: dict[str, TensorRecord] = state.tensors()
-    tuning = {} if job.ignore_importance else job.tuning if job.tuning is not None else state.values("tuned")
-    weight_of = tensor_weights(records, group_weights, tuning)
-    by_name = source.tensors_by_name
-    options = []
-    for plan in varied:
-        rows = [measurements[(plan.source_name, t.name)] for t in types_of[plan.source_name]]
-        record = records[plan.source_name]
-        options.append(
-            TensorOptions(
-                name=plan.name,
-                labels=tuple(m.qtype for m in rows),
-                nbytes=np.array([_cost(job, m.nbytes, alignment_of[plan.name]) for m in rows], dtype=np.int64),
-                error=option_errors(job.objective, rows, record, weight_of[plan.source_name]),
-            )
-        )
-    varied_names = {t.name for t in varied}
-    fixed = [t for t in base.tensors if t.name not in varied_names]
-    fixed_cost = sum(
-        _cost(job, tensor_output_bytes(by_name[t.source_name], t.target_type), alignment_of[t.name]) for t in fixed
-    )
-    elements = sum(int(by_name[t.source_name].n_elements) for t in base.tensors)
-    return Problem(base, tuple(varied), tuple(options), fixed_cost, elements)
 
 
 def _header_bytes(source: SourceModel, base: TypePlan, template: WriteRequest) -> int:
@@ -345,21 +382,6 @@ def _header_bytes(source: SourceModel, base: TypePlan, template: WriteRequest) -
         for t in base.tensors
     )
     return planned_file_bytes(template) - data
-
-
-def useful_range(options: Sequence[TensorOptions]) -> tuple[int, int]:
-    """Bytes of the smallest plan and of the least-error plan (each tensor's best type, fewest bytes on ties).
-
-    Budgets above the least-error plan buy nothing: on a model that ships
-    quantized, a bigger type can even be worse than a smaller one whose grid
-    holds the source's values exactly (Q6_K against Q8_0 on a Q4_1 source).
-    """
-    smallest = byte_range(options)[0]
-    best = 0
-    for opts in options:
-        best_error = opts.error.min()
-        best += int(opts.nbytes[opts.error == best_error].min())
-    return smallest, best
 
 
 def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int, int]) -> int:
@@ -440,34 +462,34 @@ def _chosen_tensors(problem: Problem, choice: np.ndarray, source: SourceModel) -
     )
 
 
-def _comparisons(
-    source: SourceModel, problem: Problem, job: OptimizeJob, recipe: Preset, plan_cost: int
-) -> tuple[PresetComparison, ...]:
+def _comparisons(policy: _Policy, problem: Problem, job: OptimizeJob, plan_cost: int) -> tuple[PresetComparison, ...]:
     """The recipe (with a TYPE) or the presets nearest the plan's size, each against bpwopt at its size.
 
     Only presets whose types were all measured can be compared; the default
-    candidates cover every K-quant and legacy preset bpwopt can write.
+    candidates cover every K-quant and legacy preset bpwopt can write. Each
+    comparison is one more solve, so only the CLI's report asks for them.
     """
-    costs = {}
+    source = policy.source
+    choices = {}
     seen_ftypes = set()
     for preset in PRESETS:
         if preset.only_copy or not preset.producible or preset.ftype in seen_ftypes:
             continue
-        if job.type_text and preset != recipe:
+        if job.type_text and preset != policy.recipe:
             continue
         seen_ftypes.add(preset.ftype)  # aliases (Q4_K for Q4_K_M) are the same recipe
-        types = plan_types(source.specs, source.model, preset, source.options, check_writable=False).types()
-        choice = [_index_of(opts, types[opts.name].name) for opts in problem.options]
-        if None not in choice:
-            costs[preset.name] = (preset, np.array(choice, dtype=np.int64))
-    smaller = [name for name, (_, c) in costs.items() if _choice_cost(problem, c) <= plan_cost]
-    larger = [name for name in costs if name not in smaller]
-    nearest = sorted(smaller, key=lambda n: -_choice_cost(problem, costs[n][1]))[:2]
-    nearest += sorted(larger, key=lambda n: _choice_cost(problem, costs[n][1]))[:1]
+        choice = problem.choice_of(plan_types(source.specs, source.model, preset, source.options,
+                                              check_writable=False).types())  # fmt: skip
+        if choice is not None:
+            choices[preset.name] = choice
+    smaller = [name for name, choice in choices.items() if problem.cost(choice) <= plan_cost]
+    larger = [name for name in choices if name not in smaller]
+    nearest = sorted(smaller, key=lambda n: -problem.cost(choices[n]))[:2]
+    nearest += sorted(larger, key=lambda n: problem.cost(choices[n]))[:1]
     comparisons = []
-    for name in sorted(nearest, key=lambda n: _choice_cost(problem, costs[n][1])):
-        preset, choice = costs[name]
-        optimized = solve(problem.options, _choice_cost(problem, choice), time_limit=job.time_limit)
+    for name in sorted(nearest, key=lambda n: problem.cost(choices[n])):
+        choice = choices[name]
+        optimized = solve(problem.options, problem.cost(choice), time_limit=job.time_limit)
         types = problem.types(choice)
         data = sum(
             tensor_output_bytes(source.tensors_by_name[t.source_name], types[t.name]) for t in problem.base.tensors
@@ -475,12 +497,3 @@ def _comparisons(
         error = float(sum(opts.error[i] for opts, i in zip(problem.options, choice, strict=True)))
         comparisons.append(PresetComparison(name, data, 8.0 * data / problem.elements, error, optimized.total_error))
     return tuple(comparisons)
-
-
-def _index_of(options: TensorOptions, label: str) -> int | None:
-    return options.labels.index(label) if label in options.labels else None
-
-
-def _choice_cost(problem: Problem, choice: np.ndarray) -> int:
-    """Bytes of the varied tensors for a choice, in the solver's units."""
-    return int(sum(int(opts.nbytes[i]) for opts, i in zip(problem.options, choice, strict=True)))

@@ -49,7 +49,6 @@ class QuantizeJob:
     options: QuantizeOptions = field(default_factory=QuantizeOptions)
     imatrix_path: Path | None = None
     overrides: dict[str, KeyValue] = field(default_factory=dict)
-    threads: int | None = None
     dry_run: bool = False
     progress: bool = True
 

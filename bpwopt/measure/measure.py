@@ -6,12 +6,16 @@ with the tensor's imatrix exactly as the final quantization will use it. The
 fused kernel returns per-row Σ w(x−x̂)² and Σ (x−x̂)², which sum to the tensor's
 error. Tensors with more rows than `Sampling.max_rows` are measured on a
 stratified, seeded sample of rows, and the standard error of the estimate is
-kept beside it. Each (tensor, type) result goes to the caller as soon as it
-exists, so the state file can commit it before the next one starts.
+kept beside it. One tensor is one task (`measure_tensor`, picklable in and
+out), run by an executor (`bpwopt.measure.executors`) with an error backend
+(`bpwopt.measure.backends`); each tensor's result goes to the caller as soon
+as it exists, so the state file commits it before the next one is handed over.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import time
 import zlib
@@ -25,11 +29,11 @@ from gguf import GGMLQuantizationType
 from tqdm import tqdm
 
 from bpwopt.errors import BpwoptError
-from bpwopt.formats.imatrix import Imatrix
-from bpwopt.formats.splits import ModelFiles
-from bpwopt.measure.records import Measurement, TensorRecord
-from bpwopt.policy.llama import TensorPlan, fallback_type
-from bpwopt.quant import codec
+from bpwopt.formats.splits import open_model
+from bpwopt.measure.backends import BACKENDS, DEFAULT_BACKEND, ErrorBackend
+from bpwopt.measure.executors import Executor, InProcessExecutor
+from bpwopt.measure.records import Estimate, Measurement, TensorRecord
+from bpwopt.policy.llama import fallback_type
 from bpwopt.quant.types import QUANT_TYPES, row_bytes
 from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
 
@@ -120,16 +124,17 @@ class TensorRows:
     source_type: GGMLQuantizationType
 
 
-def load_rows(tensor: gguf.ReaderTensor, imatrix: Imatrix | None, sampling: Sampling) -> TensorRows:
-    """Dequantize the sampled rows of one tensor; memory is those rows as float32."""
+def load_rows(tensor: gguf.ReaderTensor, weights: np.ndarray | None, sampling: Sampling) -> TensorRows:
+    """Dequantize the sampled rows of one tensor; memory is those rows as float32.
+
+    weights: the tensor's imatrix weights, float32 (n_expert, n_per_row) (`Imatrix.weights_for`), or None.
+    """
     raw = tensor_rows(tensor)
-    n_per_row = int(tensor.shape[0])
     n_expert = expert_count(tensor)
     sample = sample_rows(raw.shape[0], sampling, tensor.name)
     picked = raw if sample.complete else raw[sample.rows]
     source_type = GGMLQuantizationType(tensor.tensor_type)
     values = np.ascontiguousarray(rows_to_float(picked, source_type), dtype=np.float32)
-    weights = imatrix.weights_for(tensor.name, n_per_row, n_expert) if imatrix is not None else None
     expert_of_row = sample.rows // (raw.shape[0] // n_expert)
     return TensorRows(tensor.name, values, expert_of_row, weights, sample, source_type)
 
@@ -142,7 +147,9 @@ def energies(rows: TensorRows) -> tuple[float, float]:
     return estimate_total(weighted, rows.sample)[0], estimate_total(plain, rows.sample)[0]
 
 
-def measure_type(rows: TensorRows, qtype: GGMLQuantizationType, total_rows: int) -> Measurement:
+def measure_type(
+    rows: TensorRows, qtype: GGMLQuantizationType, total_rows: int, backend: ErrorBackend = BACKENDS[DEFAULT_BACKEND]
+) -> Measurement:
     """The error a round trip through qtype adds to this tensor, estimated from the measured rows.
 
     A candidate equal to the source type costs nothing: the write stage copies
@@ -162,35 +169,33 @@ def measure_type(rows: TensorRows, qtype: GGMLQuantizationType, total_rows: int)
             values = rows.values if mask.all() else np.ascontiguousarray(rows.values[mask])
             expert_weights = rows.weights[expert] if rows.weights is not None else None
             try:
-                weighted[mask], plain[mask] = codec.row_errors(values, qtype, expert_weights)
+                weighted[mask], plain[mask] = backend.row_errors(values, qtype, expert_weights)
             except ValueError as error:  # NaN or infinite weights in the file: llama-quantize refuses them too
                 raise BpwoptError(f"{rows.name}: cannot quantize to {qtype.name}: {error}") from error
-    weighted_sse, weighted_stderr = estimate_total(weighted, rows.sample)
-    sse, sse_stderr = estimate_total(plain, rows.sample)
     return Measurement(
         tensor=rows.name,
         qtype=qtype.name,
         nbytes=nbytes,
-        weighted_sse=weighted_sse,
-        sse=sse,
-        weighted_sse_stderr=weighted_stderr,
-        sse_stderr=sse_stderr,
+        statistics={
+            "weighted_sse": Estimate(*estimate_total(weighted, rows.sample)),
+            "sse": Estimate(*estimate_total(plain, rows.sample)),
+        },
         rows_measured=n,
         rows_total=total_rows,
         seconds=time.perf_counter() - started,
     )
 
 
-def tensor_record(plan: TensorPlan, rows: TensorRows) -> TensorRecord:
+def tensor_record(tensor: gguf.ReaderTensor, category: str, rows: TensorRows) -> TensorRecord:
     """What the state keeps about a measured tensor (its signal energies make errors relative)."""
-    layer = _LAYER.match(plan.source_name)
+    layer = _LAYER.match(tensor.name)
     weight_energy, plain_energy = energies(rows)
     return TensorRecord(
-        name=plan.source_name,
-        shape=plan.shape,
-        elements=int(np.prod(plan.shape, dtype=np.int64)),
-        source_type=plan.source_type.name,
-        category=plan.category.value,
+        name=tensor.name,
+        shape=tuple(int(n) for n in tensor.shape),
+        elements=int(tensor.n_elements),
+        source_type=rows.source_type.name,
+        category=category,
         layer=int(layer.group(1)) if layer else None,
         weight_energy=weight_energy,
         plain_energy=plain_energy,
@@ -198,42 +203,69 @@ def tensor_record(plan: TensorPlan, rows: TensorRows) -> TensorRecord:
 
 
 @dataclass(frozen=True)
-class MeasureTask:
-    """One tensor to measure: its plan entry, its candidate types, and which of them are still missing."""
+class TensorTask:
+    """One tensor to measure, as plain picklable data: a worker needs only the model's files besides it."""
 
-    plan: TensorPlan
-    types: tuple[GGMLQuantizationType, ...]
-    missing: tuple[GGMLQuantizationType, ...]
-    needs_record: bool
+    model_path: str  # the model's (first) file; its shards are found beside it
+    tensor: str  # the tensor's name in the file
+    category: str  # its class, as llama.cpp's policy names it (for the record)
+    types: tuple[str, ...]  # type names to measure, smallest first
+    weights: np.ndarray | None  # its imatrix weights, float32 (n_expert, n_per_row); None without an imatrix
+    sampling: Sampling
+    needs_record: bool  # the state has no TensorRecord of it yet
+    elements: int  # its number of weights, so a driver can weigh progress
+    backend: str = DEFAULT_BACKEND  # a name in BACKENDS
+
+
+@dataclass(frozen=True)
+class TensorResult:
+    """What measuring one tensor gives: its record (if asked for) and a measurement per type of the task."""
+
+    tensor: str
+    record: TensorRecord | None
+    measurements: tuple[Measurement, ...]
+
+
+def measure_tensor(task: TensorTask) -> TensorResult:
+    """Measure every type of task on one tensor; peak memory is its measured rows as float32."""
+    tensor = _tensors_of(*_file_key(task.model_path)).get(task.tensor)
+    if tensor is None:
+        raise BpwoptError(f"{task.model_path} has no tensor {task.tensor}")
+    rows = load_rows(tensor, task.weights, task.sampling)
+    record = tensor_record(tensor, task.category, rows) if task.needs_record else None
+    total_rows = int(tensor.n_elements) // int(tensor.shape[0])
+    backend = BACKENDS[task.backend]
+    measured = tuple(measure_type(rows, GGMLQuantizationType[name], total_rows, backend) for name in task.types)
+    return TensorResult(task.tensor, record, measured)
+
+
+def _file_key(path: str) -> tuple[str, int, int, int]:
+    """A model file's path with its inode, size and mtime: a file replaced at the same path is opened afresh."""
+    stat = os.stat(path)
+    return path, stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=2)
+def _tensors_of(path: str, inode: int, size: int, mtime_ns: int) -> dict[str, gguf.ReaderTensor]:
+    """The model's tensors by name, memory-mapped once per process and file rather than once per task."""
+    return {tensor.name: tensor for tensor in open_model(path).tensors}
 
 
 def measure_tensors(
-    reader: ModelFiles,
-    tasks: Sequence[MeasureTask],
-    imatrix: Imatrix | None,
-    sampling: Sampling,
-    on_record: Callable[[TensorRecord], None],
-    on_measurement: Callable[[Measurement], None],
+    tasks: Sequence[TensorTask],
+    on_result: Callable[[TensorResult], None],
+    executor: Executor | None = None,
     progress: bool = True,
 ) -> None:
-    """Measure every missing (tensor, type) of tasks, handing each result over as soon as it exists.
+    """Run every task on executor (in this process by default), handing each result over as it arrives.
 
-    The progress bar counts elements × types, so its ETA weighs big tensors
-    and slow types fairly. Peak memory is one tensor's measured rows.
+    The progress bar counts elements × types, so its ETA weighs big tensors and slow types fairly.
     """
-    by_name = {tensor.name: tensor for tensor in reader.tensors}
-    pending = [task for task in tasks if task.missing or task.needs_record]
-    total = sum(int(by_name[t.plan.source_name].n_elements) * max(1, len(t.missing)) for t in pending)
-    with tqdm(total=total, unit="w", unit_scale=True, desc="measuring", disable=not progress or not pending) as bar:
-        for task in pending:
-            tensor = by_name[task.plan.source_name]
-            rows = load_rows(tensor, imatrix, sampling)
-            if task.needs_record:
-                on_record(tensor_record(task.plan, rows))
-            total_rows = int(tensor.n_elements) // int(tensor.shape[0])
-            for qtype in task.missing:
-                bar.set_postfix_str(f"{task.plan.name} {qtype.name}", refresh=False)
-                on_measurement(measure_type(rows, qtype, total_rows))
-                bar.update(int(tensor.n_elements))
-            if not task.missing:
-                bar.update(int(tensor.n_elements))
+    pending = [task for task in tasks if task.types or task.needs_record]
+    size = {task.tensor: task.elements * max(1, len(task.types)) for task in pending}
+    with tqdm(total=sum(size.values()), unit="w", unit_scale=True, desc="measuring",
+              disable=not progress or not pending) as bar:  # fmt: skip
+        for result in (executor or InProcessExecutor()).map(measure_tensor, pending):
+            on_result(result)
+            bar.set_postfix_str(result.tensor, refresh=False)
+            bar.update(size[result.tensor])

@@ -47,11 +47,11 @@ from bpwopt.quant.types import row_bytes
 from bpwopt.solve.objective import (
     DEFAULT_OBJECTIVE,
     OBJECTIVES,
-    check_objective,
     default_objective,
-    option_errors,
+    get_objective,
     tensor_weights,
 )
+from bpwopt.solve.problem import tensor_options
 from bpwopt.solve.solver import TensorOptions, solve
 from bpwopt.state.store import Measurement, PlanRecord, StateFile, TensorRecord, read_identity
 
@@ -347,7 +347,7 @@ def read_plot_data(
     chosen = _chosen_plan(plans, plan_id, state_path)
     if objective is None:
         objective = chosen[1].objective if chosen is not None and chosen[1].objective in OBJECTIVES else None
-    objective = check_objective(objective or default_objective(group_weights))
+    objective = get_objective(objective or default_objective(group_weights)).name
     weighted = identity.imatrix_sha256 is not None
     curves = tensor_curves(tensors, measurements, identity.model_name, weighted)
     chosen_id = chosen[0] if chosen is not None else None
@@ -429,13 +429,7 @@ def state_options(
     options = {}
     for name, measured in rows.items():
         measured.sort(key=lambda m: (m.nbytes, m.qtype))
-        record = tensors[name]
-        options[name] = TensorOptions(
-            name=name,
-            labels=tuple(m.qtype for m in measured),
-            nbytes=np.array([m.nbytes for m in measured], dtype=np.int64),
-            error=option_errors(objective, measured, record, (weights or {}).get(name, 1.0)),
-        )
+        options[name] = tensor_options(name, measured, tensors[name], objective, (weights or {}).get(name, 1.0))
     return options
 
 
@@ -500,7 +494,7 @@ def tensor_curves(
         names.append(name)
         categories.append(record.category)
         bpws.append(np.array([8.0 * m.nbytes / record.elements for m in measured]))
-        errors.append(np.array([m.weighted_sse / energy if energy > 0 else 0.0 for m in measured]))
+        errors.append(np.array([m.value("weighted_sse") / energy if energy > 0 else 0.0 for m in measured]))
         types.append(tuple(m.qtype for m in measured))
     title = f"{model_name}: error of every candidate type, per tensor ({len(names)} tensors)"
     label = "Σw(x−x̂)² / Σwx², w = imatrix" if weighted else "Σ(x−x̂)² / Σx² (no imatrix)"
@@ -646,7 +640,7 @@ def _non_dominated(bpw: np.ndarray, error: np.ndarray) -> np.ndarray:
 
 def _error_label(objective: str, weighted: bool, group_weights: bool) -> str:
     w = "w = imatrix" if weighted else "w = 1 (no imatrix)"
-    term = {"relative": "Σw(x−x̂)²/Σwx²", "per-weight": "n·½(Σw(x−x̂)²/Σwx² + Σ(x−x̂)²/Σx²)"}.get(objective, "Σw(x−x̂)²")
+    term = get_objective(objective).term
     scaled = " × stored group weight and tuned factor" if group_weights else ""
     return f"sum over tensors of {term}{scaled}, {w}"
 

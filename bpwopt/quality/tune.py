@@ -91,14 +91,15 @@ def tune(
     seed: int = 0,
     work_dir: str | Path | None = None,
     cache_dir: str | Path | None = None,
+    threads: int | None = None,
     progress: bool = True,
 ) -> TuneReport:
     """Run the study for `budgets` until it has `trials` completed trials; store the chosen factors in the state.
 
     solve: how each trial solves — its input_path (the unquantized model the
     state is, or will be, measured for), state_path (required), imatrix,
-    options, candidates, sampling, objective and threads are used; its target,
-    output and tuning are set per trial. budgets: the targets each trial solves
+    options, candidates, sampling and objective are used; its target, output
+    and tuning are set per trial, and trials skip the preset comparisons. budgets: the targets each trial solves
     and evaluates; ctx, chunks: calibration text windows per evaluation
     (bpwopt.quality.evaluate); work_dir: where each trial's plan is written (default: a
     temporary directory). Raises BpwoptError for bad settings or a state of
@@ -111,7 +112,8 @@ def tune(
     if solve.state_path is None:
         raise BpwoptError("tuning needs a state file (--state-file): the study and its result are kept beside it")
     model_path, state_path = solve.input_path, solve.state_path
-    plan_job = replace(solve, output_path=None, target=budgets[0], record_plan=False, dry_run=False, progress=False)
+    plan_job = replace(solve, output_path=None, target=budgets[0], record_plan=False, dry_run=False, progress=False,
+                       compare_presets=False)  # fmt: skip
     # a dry run measures what the state lacks (shown), and tells which classes vary and the objective solved
     first = optimize_file(replace(plan_job, dry_run=True, progress=solve.progress))
     classes = tuple(sorted({t.category for t in first.tensors if t.varied}))
@@ -132,7 +134,7 @@ def tune(
             for budget in budgets:
                 optimize_file(replace(plan_job, output_path=plan_path, target=budget, tuning=tuning))
                 result = evaluate(
-                    model_path, plan_path, text, ctx=ctx, chunks=chunks, cache_dir=cache_dir, threads=solve.threads,
+                    model_path, plan_path, text, ctx=ctx, chunks=chunks, cache_dir=cache_dir, threads=threads,
                     progress=False,
                 )  # fmt: skip
                 klds.append(result.mean_kld)

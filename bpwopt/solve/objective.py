@@ -42,38 +42,72 @@ worse than the presets (its absolute units differ by orders of magnitude between
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from bpwopt.errors import BpwoptError
-from bpwopt.state.store import Measurement, TensorRecord
+from bpwopt.measure.records import Measurement, TensorRecord
 
-OBJECTIVES = ("wsse", "relative", "per-weight")
+# The objective's value of each option from the stored statistics, keyed by name, and the tensor's record.
+ErrorFunction = Callable[[Mapping[str, np.ndarray], TensorRecord], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Objective:
+    """One way of making errors comparable across tensors: its formula, its plot label, what it reads."""
+
+    name: str
+    errors: ErrorFunction
+    term: str  # the per-tensor term as a formula, for plot labels
+    statistics: tuple[str, ...]  # the measurement statistics (bpwopt.measure.records.STATISTICS) it needs
+
+
+def _relative(errors: np.ndarray, energy: float) -> np.ndarray:
+    return errors / energy if energy > 0 else np.zeros_like(errors)
+
+
+def _per_weight(stats: Mapping[str, np.ndarray], record: TensorRecord) -> np.ndarray:
+    """Half imatrix-weighted, half plain, so that a few huge channels cannot make a tensor look free."""
+    both = _relative(stats["weighted_sse"], record.weight_energy) + _relative(stats["sse"], record.plain_energy)
+    return 0.5 * record.elements * both
+
+
+REGISTRY = {
+    objective.name: objective
+    for objective in (
+        Objective("wsse", lambda stats, record: stats["weighted_sse"], "Σw(x−x̂)²", ("weighted_sse",)),
+        Objective(
+            "relative",
+            lambda stats, record: _relative(stats["weighted_sse"], record.weight_energy),
+            "Σw(x−x̂)²/Σwx²",
+            ("weighted_sse",),
+        ),
+        Objective("per-weight", _per_weight, "n·½(Σw(x−x̂)²/Σwx² + Σ(x−x̂)²/Σx²)", ("weighted_sse", "sse")),
+    )
+}
+OBJECTIVES = tuple(REGISTRY)
 DEFAULT_OBJECTIVE = "per-weight"
 
 
-def check_objective(name: str) -> str:
-    """The objective's canonical name, or ValueError naming the valid ones."""
-    if name not in OBJECTIVES:
+def get_objective(name: str) -> Objective:
+    """The registered objective of this name, or ValueError naming the valid ones."""
+    if name not in REGISTRY:
         raise ValueError(f"unknown objective {name!r}; valid: {', '.join(OBJECTIVES)}")
-    return name
+    return REGISTRY[name]
 
 
 def option_errors(
-    objective: str, measurements: list[Measurement], record: TensorRecord, weight: float = 1.0
+    objective: str, measurements: Sequence[Measurement], record: TensorRecord, weight: float = 1.0
 ) -> np.ndarray:
     """The objective's value (float64, ≥ 0) of each measured option of one tensor, times its group weight."""
-    weighted = np.array([m.weighted_sse for m in measurements], dtype=np.float64)
-    if check_objective(objective) == "wsse":
-        errors = weighted
-    elif objective == "relative":
-        errors = _relative(weighted, record.weight_energy)
-    else:  # per-weight: half imatrix-weighted, half plain, so that a few huge channels cannot make a tensor look free
-        plain = np.array([m.sse for m in measurements], dtype=np.float64)
-        both = _relative(weighted, record.weight_energy) + _relative(plain, record.plain_energy)
-        errors = 0.5 * record.elements * both
-    errors = weight * errors
+    chosen = get_objective(objective)
+    lacking = next((s for m in measurements for s in chosen.statistics if s not in m.statistics), None)
+    if lacking is not None:
+        raise BpwoptError(f"tensor {record.name}: the state has no {lacking} for it; measure it again")
+    stats = {s: np.array([m.value(s) for m in measurements], dtype=np.float64) for s in chosen.statistics}
+    errors = weight * chosen.errors(stats, record)
     unusable = ~(np.isfinite(errors) & (errors >= 0))  # NaN stored in the state, or a bad group weight
     if unusable.any():
         raise BpwoptError(
@@ -81,10 +115,6 @@ def option_errors(
             f"group weight {weight:g} is {errors[unusable][0]:g}; the state file is damaged"
         )
     return errors
-
-
-def _relative(errors: np.ndarray, energy: float) -> np.ndarray:
-    return errors / energy if energy > 0 else np.zeros_like(errors)
 
 
 GROUPINGS = ("class-third", "class", "class-layer", "tensor")

@@ -9,7 +9,9 @@ state is reusable only for the run that made it: its `StateIdentity` (model
 hash, imatrix hash, candidate types, sampling, format version) is stored in
 the file and an open with any other identity is refused with a message that
 names what differs. The file is SQLite (through sqlite-utils), one writer at a
-time, guarded by an advisory lock.
+time, guarded by an advisory lock. Its format version is stored in it; a file
+of an older format is migrated forward, in one transaction, when it is opened
+for writing (`_MIGRATIONS`), and one of a newer format is refused.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ from sqlite_utils import Database
 
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import fsync_path
-from bpwopt.measure.records import Measurement, TensorRecord
+from bpwopt.measure.records import Estimate, Measurement, TensorRecord
 
-STATE_FORMAT_VERSION = 1
+# 1: statistics as columns of measurements; 2: a statistics table, one row per (tensor, type, statistic)
+STATE_FORMAT_VERSION = 2
 VALUE_TABLES = ("sensitivities", "weights", "tuned")
 
 # PRAGMA application_id marks the file as ours in SQLite's header (offset 68), so a
@@ -41,8 +44,9 @@ VALUE_TABLES = ("sensitivities", "weights", "tuned")
 _APPLICATION_ID = 0x62707773  # "bpws"
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 _HEADER_BYTES = 100
-# Every state has these; "tuned" came later and is created on its first write (read as empty until then).
+# Every state of a format version has these; "tuned" came later and is created on its first write.
 _TABLES = ("identity", "tensors", "measurements", "plans", "evaluations", "sensitivities", "weights")
+_TABLES_OF_VERSION = {1: _TABLES, 2: (*_TABLES, "statistics")}
 _HASH_SHOWN = 12  # hex digits of a sha256 quoted in messages
 
 
@@ -58,7 +62,6 @@ class StateIdentity:
     imatrix_sha256: str | None  # None: measured without an imatrix
     candidates: tuple[str, ...]  # candidate type names as requested, e.g. ("Q2_K", "Q3_K", ...)
     sampling: str  # canonical text of the sampling settings, e.g. "rows<=1024;seed=0" or "precise"
-    format_version: int = STATE_FORMAT_VERSION
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,8 @@ class StateFile:
         """Open the state at path for this identity, creating it (and its directory) if missing and create is set.
 
         Refused with BpwoptError: a file that is not a bpwopt state (never modified), a state of
-        another identity, a state another process holds open, a directory that cannot be written.
+        another identity or of a newer format, a state another process holds open, a directory
+        that cannot be written. A state of an older format is migrated to this one.
         """
         path = Path(path)
         if not path.exists():
@@ -122,8 +126,10 @@ class StateFile:
                 # are simply measured again on resume. FULL would fsync once per measurement for that case alone.
                 db.execute("PRAGMA synchronous = NORMAL")
                 db.execute("PRAGMA foreign_keys = ON")
-                stored = _validated_identity(path, db)
+                stored, version = _validated_identity(path, db)
             _check_identity(path, stored, identity)
+            with _sqlite_errors(path, "migrate"):
+                _migrate(db, version)
         except BaseException:
             # The connection first: closing our descriptor of the file would drop SQLite's POSIX locks on it.
             if db is not None:
@@ -163,30 +169,39 @@ class StateFile:
             "tensor": m.tensor,
             "qtype": m.qtype,
             "nbytes": int(m.nbytes),
-            "weighted_sse": float(m.weighted_sse),
-            "sse": float(m.sse),
-            "weighted_sse_stderr": float(m.weighted_sse_stderr),
-            "sse_stderr": float(m.sse_stderr),
             "rows_measured": int(m.rows_measured),
             "rows_total": int(m.rows_total),
             "seconds": float(m.seconds),
         }
+        statistics = [
+            {"tensor": m.tensor, "qtype": m.qtype, "name": name, "value": float(e.value), "stderr": float(e.stderr)}
+            for name, e in m.statistics.items()
+        ]
         try:
-            with self._writing():
-                self._db["measurements"].insert(row, replace=True)  # its own transaction, committed here
+            with self._writing(), self._db.atomic():  # its own transaction, committed here
+                self._db.execute("DELETE FROM statistics WHERE tensor = ? AND qtype = ?", [m.tensor, m.qtype])
+                self._db["measurements"].insert(row, replace=True)
+                self._db["statistics"].insert_all(statistics)
         except sqlite3.IntegrityError as error:
             raise ValueError(f"measurement of {m.tensor}: add its TensorRecord first ({error})") from None
 
     def measurements(self) -> dict[tuple[str, str], Measurement]:
-        """Every measurement, by (tensor name, type name)."""
+        """Every measurement, by (tensor name, type name), with the statistics stored for it."""
+        statistics: dict[tuple[str, str], dict[str, Estimate]] = {}
+        for row in self._db["statistics"].rows:
+            estimate = Estimate(_float(row["value"]), _float(row["stderr"]))
+            if estimate.value < 0 or estimate.value == math.inf:  # no measurement makes these; NaN reads back as NaN
+                raise BpwoptError(
+                    _not_state(self.path, f"damaged: impossible {row['name']} of {row['tensor']} as {row['qtype']}")
+                )
+            statistics.setdefault((row["tensor"], row["qtype"]), {})[row["name"]] = estimate
         result = {}
         for row in self._db["measurements"].rows:
-            floats = ("weighted_sse", "sse", "weighted_sse_stderr", "sse_stderr", "seconds")
-            m = Measurement(**{**row, **{key: _float(row[key]) for key in floats}})
-            negative = min(m.nbytes, m.rows_measured, m.rows_total, m.weighted_sse, m.sse) < 0
-            if negative or math.inf in (m.weighted_sse, m.sse):  # no measurement makes these; NaN comes back as NaN
+            key = (row["tensor"], row["qtype"])
+            m = Measurement(**{**row, "seconds": _float(row["seconds"]), "statistics": statistics.get(key, {})})
+            if min(m.nbytes, m.rows_measured, m.rows_total) < 0:
                 raise BpwoptError(_not_state(self.path, f"damaged: impossible measurement of {m.tensor} as {m.qtype}"))
-            result[(m.tensor, m.qtype)] = m
+            result[key] = m
         return result
 
     def add_plan(self, plan: PlanRecord) -> int:
@@ -287,7 +302,7 @@ def read_identity(path: str | os.PathLike) -> StateIdentity:
     connection = sqlite3.connect(path)
     try:
         with _sqlite_errors(path, "read"):
-            return _validated_identity(path, _database(connection))
+            return _validated_identity(path, _database(connection))[0]
     finally:
         connection.close()
 
@@ -359,25 +374,8 @@ def _create_schema(db: Database) -> None:
         not_null={"name", "shape", "elements", "source_type", "category"},
         strict=True,
     )
-    # Float columns allow NULL: sqlite3 stores NaN as NULL, and it is read back as NaN.
-    db["measurements"].create(
-        {
-            "tensor": str,
-            "qtype": str,
-            "nbytes": int,
-            "weighted_sse": float,
-            "sse": float,
-            "weighted_sse_stderr": float,
-            "sse_stderr": float,
-            "rows_measured": int,
-            "rows_total": int,
-            "seconds": float,
-        },
-        pk=("tensor", "qtype"),
-        not_null={"tensor", "qtype", "nbytes", "rows_measured", "rows_total"},
-        foreign_keys=[("tensor", "tensors", "name")],
-        strict=True,
-    )
+    _create_measurements(db)
+    _create_statistics(db)
     db["plans"].create(
         {
             "id": int,
@@ -413,13 +411,70 @@ def _create_schema(db: Database) -> None:
         _create_value_table(db, table)
 
 
+def _create_measurements(db: Database, name: str = "measurements") -> None:
+    # Float columns allow NULL: sqlite3 stores NaN as NULL, and it is read back as NaN.
+    db[name].create(
+        {"tensor": str, "qtype": str, "nbytes": int, "rows_measured": int, "rows_total": int, "seconds": float},
+        pk=("tensor", "qtype"),
+        not_null={"tensor", "qtype", "nbytes", "rows_measured", "rows_total"},
+        foreign_keys=[("tensor", "tensors", "name")],
+        strict=True,
+    )
+
+
+def _create_statistics(db: Database) -> None:
+    """One row per (tensor, type, statistic): a new statistic is new rows, not a new column."""
+    db.execute(
+        "CREATE TABLE statistics (tensor TEXT NOT NULL, qtype TEXT NOT NULL, name TEXT NOT NULL, value REAL, "
+        "stderr REAL, PRIMARY KEY (tensor, qtype, name), "
+        "FOREIGN KEY (tensor, qtype) REFERENCES measurements (tensor, qtype)) STRICT"
+    )
+
+
+def _migrate_1_to_2(db: Database) -> None:
+    """Statistics leave the measurements table for their own (weighted_sse and sse, with their standard errors)."""
+    db.execute("ALTER TABLE measurements RENAME TO measurements_1")
+    _create_measurements(db)
+    db.execute(
+        "INSERT INTO measurements SELECT tensor, qtype, nbytes, rows_measured, rows_total, seconds FROM measurements_1"
+    )
+    _create_statistics(db)
+    for name in ("weighted_sse", "sse"):
+        db.execute(
+            f"INSERT INTO statistics SELECT tensor, qtype, '{name}', {name}, {name}_stderr FROM measurements_1"
+        )
+    db.execute("DROP TABLE measurements_1")
+
+
+# format version -> the step that takes a state of that version to the next
+_MIGRATIONS = {1: _migrate_1_to_2}
+
+
+def _migrate(db: Database, version: int) -> None:
+    """Bring a state of an older format version to this one, in one transaction: all of it happens or none."""
+    if version == STATE_FORMAT_VERSION:
+        return
+    db.execute("PRAGMA foreign_keys = OFF")  # cannot change inside a transaction; tables are rebuilt below
+    try:
+        with db.atomic():
+            for step in range(version, STATE_FORMAT_VERSION):
+                _MIGRATIONS[step](db)
+            db.execute("UPDATE identity SET value = ? WHERE key = 'format_version'", [str(STATE_FORMAT_VERSION)])
+            db.execute(f"PRAGMA user_version = {STATE_FORMAT_VERSION}")
+            problem = db.execute("PRAGMA foreign_key_check").fetchone()
+            if problem is not None:
+                raise BpwoptError(f"cannot migrate: a row of {problem[0]} refers to nothing in {problem[2]}")
+    finally:
+        db.execute("PRAGMA foreign_keys = ON")
+
+
 def _create_value_table(db: Database, table: str) -> None:
     db[table].create({"name": str, "value": float}, pk="name", not_null={"name"}, strict=True)
 
 
 def _identity_rows(identity: StateIdentity) -> list[dict]:
     values = {
-        "format_version": str(identity.format_version),
+        "format_version": str(STATE_FORMAT_VERSION),
         "model_sha256": identity.model_sha256,
         "model_name": identity.model_name,
         "imatrix_sha256": identity.imatrix_sha256,
@@ -483,8 +538,8 @@ def _check_header(path: Path, header: bytes) -> None:
         raise BpwoptError(_not_state(path, f"damaged: file format versions {header[18]}, {header[19]} in its header"))
 
 
-def _validated_identity(path: Path, db: Database) -> StateIdentity:
-    """The stored identity, after checking the file is intact and has every table of its format version."""
+def _validated_identity(path: Path, db: Database) -> tuple[StateIdentity, int]:
+    """The stored identity and format version, after checking the file is intact and has every table of it."""
     problems = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
     if problems != ["ok"]:
         first = " ".join(problems[0].replace("*** in database main ***", "").split())  # SQLite's is multi-line
@@ -500,9 +555,12 @@ def _validated_identity(path: Path, db: Database) -> StateIdentity:
         version = int(stored["format_version"])
     except (KeyError, TypeError, ValueError):
         raise BpwoptError(_not_state(path, "no format version")) from None
-    if version != STATE_FORMAT_VERSION:
-        raise BpwoptError(f"state file {path} has format version {version}, this bpwopt reads {STATE_FORMAT_VERSION}")
-    missing = [table for table in _TABLES if table not in db.table_names()]
+    if version not in _TABLES_OF_VERSION:
+        newer = " (written by a newer bpwopt)" if version > STATE_FORMAT_VERSION else ""
+        raise BpwoptError(
+            f"state file {path} has format version {version}{newer}, this bpwopt reads 1 to {STATE_FORMAT_VERSION}"
+        )
+    missing = [table for table in _TABLES_OF_VERSION[version] if table not in db.table_names()]
     absent = [key for key in ("model_sha256", "model_name", "candidates", "sampling") if key not in stored]
     if missing or absent:
         raise BpwoptError(_not_state(path, f"missing {', '.join(missing + absent)}"))
@@ -512,17 +570,12 @@ def _validated_identity(path: Path, db: Database) -> StateIdentity:
         imatrix_sha256=stored.get("imatrix_sha256"),
         candidates=tuple(stored["candidates"].split(",")) if stored["candidates"] else (),
         sampling=stored["sampling"],
-        format_version=version,
-    )
+    ), version
 
 
 def _check_identity(path: Path, stored: StateIdentity, wanted: StateIdentity) -> None:
     """Refuse a state measured under another identity, naming the first thing that differs."""
     measured = f"state file {path} was measured"
-    if wanted.format_version != stored.format_version:
-        raise BpwoptError(
-            f"state file {path} has format version {stored.format_version}, this run needs {wanted.format_version}"
-        )
     if stored.model_sha256 != wanted.model_sha256:
         raise BpwoptError(
             f"{measured} for another model (sha256 {_short(stored.model_sha256)} ≠ {_short(wanted.model_sha256)}); "
