@@ -5,7 +5,9 @@ at all and which types the user pinned; every other quantizable tensor gets
 the candidate types that fit its row length, is measured (`bpwopt.measure.measure`)
 into the state file (`bpwopt.state.store`), and the solver (`bpwopt.solve.solver`) picks
 one type per tensor under the budget (`bpwopt.solve.targets`). The output goes
-through the same write stage as the llama-quantize job.
+through the same write stage as the llama-quantize job. `optimize_file` reads
+as those stages: `_apply_policy`, `_measure`, `build_problem`,
+`_solve_for_target`, `_write`, `_record_plan`.
 """
 
 from __future__ import annotations
@@ -133,7 +135,7 @@ class OptimizeReport:
 
 
 @dataclass(frozen=True)
-class _Policy:
+class PolicyPlan:
     """What llama.cpp's policy makes of the model: its base plan, the tensors bpwopt varies and their types."""
 
     source: SourceModel
@@ -188,7 +190,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     )
 
 
-def _apply_policy(job: OptimizeJob) -> _Policy:
+def _apply_policy(job: OptimizeJob) -> PolicyPlan:
     """Open the model, run llama.cpp's policy, and give each tensor bpwopt may change its candidate types."""
     if job.options.prune_layers:
         raise BpwoptError("--prune-layers together with --target-bpw/--target-size is not supported yet")
@@ -202,10 +204,10 @@ def _apply_policy(job: OptimizeJob) -> _Policy:
     types_of = {t.source_name: candidate_types(t.shape[0], job.candidates) for t in varied}
     if job.type_text:
         types_of = _with_recipe_types(types_of, varied)
-    return _Policy(source, recipe.preset, base, varied, types_of)
+    return PolicyPlan(source, recipe.preset, base, varied, types_of)
 
 
-def build_problem(policy: _Policy, state: StateFile, job: OptimizeJob) -> tuple[OptimizeJob, Problem, WriteRequest]:
+def build_problem(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[OptimizeJob, Problem, WriteRequest]:
     """The solver's problem from the state's measurements, with the job's objective settled.
 
     Returns the job with its objective filled in (the state's default when none was asked for), the
@@ -241,7 +243,7 @@ def build_problem(policy: _Policy, state: StateFile, job: OptimizeJob) -> tuple[
 
 
 def _solve_for_target(
-    policy: _Policy, problem: Problem, template: WriteRequest, job: OptimizeJob
+    policy: PolicyPlan, problem: Problem, template: WriteRequest, job: OptimizeJob
 ) -> tuple[Solution, tuple[int, int]]:
     """The solver's plan for the job's target, and the reachable range (smallest, least-error) in its units."""
     reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
@@ -325,7 +327,7 @@ def _open_state(job: OptimizeJob, identity: StateIdentity) -> Iterator[StateFile
         yield state
 
 
-def _measure(policy: _Policy, state: StateFile, job: OptimizeJob) -> tuple[int, int]:
+def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[int, int]:
     """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused).
 
     A stored pair lacking a statistic this bpwopt computes (a state from before it existed) is measured again.
@@ -462,7 +464,9 @@ def _chosen_tensors(problem: Problem, choice: np.ndarray, source: SourceModel) -
     )
 
 
-def _comparisons(policy: _Policy, problem: Problem, job: OptimizeJob, plan_cost: int) -> tuple[PresetComparison, ...]:
+def _comparisons(
+    policy: PolicyPlan, problem: Problem, job: OptimizeJob, plan_cost: int
+) -> tuple[PresetComparison, ...]:
     """The recipe (with a TYPE) or the presets nearest the plan's size, each against bpwopt at its size.
 
     Only presets whose types were all measured can be compared; the default
