@@ -1,7 +1,9 @@
 """Command line: parses arguments, calls the pipeline functions, prints.
 
 No algorithm lives here. A BpwoptError (something the user can fix) becomes
-one line on stderr and exit status 1; argparse's own usage errors exit 2.
+one line on stderr and exit status 1; argparse's own usage errors exit 2. Any
+other exception is a bug of ours: one line names it and where its traceback
+was saved, exit status 70; `--debug` (or BPWOPT_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -9,8 +11,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
+import traceback
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numba
@@ -19,6 +24,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from bpwopt import __version__
 from bpwopt.cli.config import config_argv
 from bpwopt.errors import BpwoptError
+from bpwopt.formats.files import cache_dir
 from bpwopt.formats.splits import SPLIT_KEYS
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
@@ -44,6 +50,9 @@ OBJECTIVE_HELP = (
     f"{DEFAULT_OBJECTIVE})"
 )
 SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
+DEBUG_VARIABLE = "BPWOPT_DEBUG"
+EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of bpwopt's, not the user's
+_DEBUG_HELP = f"show the full traceback of an internal error (also {DEBUG_VARIABLE}=1)"
 _DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
 _TARGET_HELP = (
     "With --target-bpw or --target-size, bpwopt measures the error every candidate type adds to every "
@@ -224,6 +233,7 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of the row sample")
     add("--time-limit", type=float, default=10.0, metavar="S", help="seconds for the exact solver stage")
     add("--json", action="store_true", help="machine-readable summary on stdout")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     # "*", not "+": a --config file may hold them; parse_quantize_args requires them after merging it
     parser.add_argument("positionals", nargs="*", metavar="IN.gguf [OUT.gguf] [TYPE] [THREADS]")
     return parser
@@ -232,9 +242,10 @@ def build_quantize_parser() -> argparse.ArgumentParser:
 def parse_quantize_args(argv: list[str]) -> argparse.Namespace:
     """The main command's arguments, a --config file's merged in under the command line's."""
     parser = build_quantize_parser()
-    args = parser.parse_args(argv)
+    # intermixed: positionals may come between options (`IN OUT --target-size S 2`), as Python command lines allow
+    args = parser.parse_intermixed_args(argv)
     if args.config is not None:
-        args = parser.parse_args(config_argv(parser, argv, args))
+        args = parser.parse_intermixed_args(config_argv(parser, argv, args))
     if not args.positionals:
         parser.error("the following arguments are required: IN.gguf [OUT.gguf] [TYPE] [THREADS]")
     return args
@@ -495,6 +506,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="as measured into the state")  # fmt: skip
     _add_run_options(tuning)
     tuning.set_defaults(run=_tune)
+    for command in commands.choices.values():
+        command.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     return parser
 
 
@@ -530,5 +543,42 @@ def main(argv: list[str] | None = None) -> int:
         # A reader such as `head` closed stdout early; that is not an error of ours.
         sys.stdout = None
         return 0
+    except Exception as error:
+        if _debugging(argv):
+            raise
+        print(f"bpwopt: internal error: {_one_line(error)}; {_save_traceback(error)}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
     return 0
+
+
+def _debugging(argv: list[str]) -> bool:
+    """--debug anywhere before a `--`, or BPWOPT_DEBUG set to anything but empty or 0."""
+    options = argv[: argv.index("--")] if "--" in argv else argv
+    return "--debug" in options or os.environ.get(DEBUG_VARIABLE, "") not in ("", "0")
+
+
+def _one_line(error: Exception) -> str:
+    """The exception, its first line of text, and the innermost line of bpwopt's own code it passed through."""
+    frames = traceback.extract_tb(error.__traceback__)
+    ours = [frame for frame in frames if f"{os.sep}bpwopt{os.sep}" in frame.filename] or frames
+    where = ""
+    if ours:
+        frame = ours[-1]
+        filename = frame.filename.rsplit(f"{os.sep}bpwopt{os.sep}", 1)[-1]
+        where = f" in {frame.name} (bpwopt/{filename}:{frame.lineno})"
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}{': ' + text[0] if text else ''}{where}"
+
+
+def _save_traceback(error: Exception) -> str:
+    """Write the full traceback under the cache folder; returns where it went, as the end of the message."""
+    folder = cache_dir() / "crashes"
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = folder / f"{stamp}-{os.getpid()}.txt"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text("".join(traceback.format_exception(error)), encoding="utf-8")
+    except OSError as save_error:
+        return f"could not save its traceback ({save_error.strerror}); rerun with --debug to see it"
+    return f"traceback saved to {path} (rerun with --debug to see it)"
 

@@ -43,9 +43,14 @@ def _check_input_whole(tensor: gguf.ReaderTensor) -> None:
 
 
 def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType) -> np.ndarray:
-    """Dequantize rows of any ggml type to float32: our kernels where we have them, gguf's otherwise."""
+    """Rows of any ggml type as float32: our kernels where we have them, gguf's otherwise.
+
+    Always a new array the caller owns, F32 included: the input is memory-mapped
+    read-only, and a caller that changes the values (calibrate adds noise) must
+    never write into it.
+    """
     if source_type == GGMLQuantizationType.F32:
-        return raw_rows.view(np.float32)
+        return raw_rows.view(np.float32).copy()
     if source_type in QUANT_TYPES:
         return codec.dequantize(np.ascontiguousarray(raw_rows), source_type)
     try:
