@@ -115,11 +115,9 @@ def make_qx_quants(nmax, x, L, rmse_type, weights):
     The 19 candidate scales are scored together (see _qx_candidate_sums), then
     compared in ggml's order, so the choice is ggml's.
     """
-    n = x.size
     max_value, amax = signed_max(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
+        L[:] = 0
         return ZERO
     if rmse_type == 0:
         iscale = -F32(nmax) / max_value
@@ -150,13 +148,11 @@ def make_q3_quants(nmax, x, L, do_rmse):
     n = x.size
     max_value, amax = signed_max(x)
     if amax < GROUP_MAX_EPS:
-        for i in range(n):
-            L[i] = 0
+        L[:] = 0
         return ZERO
     iscale = -F32(nmax) / max_value
     if not do_rmse:
-        for i in range(n):
-            L[i] = max(-nmax, min(nmax - 1, nearest_int(iscale * x[i]))) + nmax
+        _qx_levels(nmax, x, iscale, L)
         return ONE / iscale
     sumlx = ZERO
     suml2 = ZERO
