@@ -28,6 +28,8 @@ from bpwopt.source.rows import rows_to_float, tensor_rows
 from bpwopt.state.store import StateFile, TensorRecord, read_identity
 from tests.conftest import make_imatrix, make_rows
 
+pytestmark = pytest.mark.slow  # noise injection with KL divergence through llama.cpp
+
 Q = gguf.GGMLQuantizationType
 CANDIDATES = (Q.Q4_0, Q.Q5_0, Q.Q8_0)  # few types: the module's measurement stays fast
 

@@ -5,13 +5,13 @@ from __future__ import annotations
 import gguf
 import numpy as np
 import pytest
-from conftest import make_imatrix, make_rows
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import bpwopt
 from bpwopt.quant.types import QUANT_TYPES
+from tests.conftest import make_imatrix, make_rows
 
 TYPE_NAMES = [quant_type.name for quant_type in QUANT_TYPES.values()]
 

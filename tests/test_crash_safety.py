@@ -40,6 +40,8 @@ from bpwopt.errors import BpwoptError
 from bpwopt.formats.gguf_reader import LazyGGUFReader
 from bpwopt.formats.gguf_writer import TensorSlot, temporary_path, write_gguf
 
+pytestmark = pytest.mark.slow  # kill tests on the demo model
+
 KILLS = int(os.environ.get("BPWOPT_KILLS", "8"))
 KILL_SECONDS = float(os.environ.get("BPWOPT_KILL_SECONDS", str(15 * KILLS)))
 SEED = 20240607

@@ -24,6 +24,8 @@ from bpwopt.formats.gguf_reader import LazyGGUFReader
 from bpwopt.policy.presets import PRESETS_BY_NAME
 from bpwopt.source.rows import tensor_rows
 
+pytestmark = pytest.mark.slow  # every preset against llama-quantize on the demo models
+
 PRESETS = ["Q4_0", "Q5_1", "Q8_0", "Q3_K_M", "Q4_K_M", "Q6_K", "IQ4_XS"]
 MODELS: dict[str, Callable[[], Path]] = {"smollm2": smollm2_path, "gemma3": gemma3_path}
 CASES = [(model, preset) for model in MODELS for preset in PRESETS]

@@ -11,11 +11,11 @@ import zlib
 import gguf
 import numpy as np
 import pytest
-from conftest import ROW_KINDS, make_imatrix, make_rows
 
 import bpwopt
 from bpwopt.quant.reference import ggml_quantize
 from bpwopt.quant.types import QUANT_TYPES, get_quant_type
+from tests.conftest import ROW_KINDS, make_imatrix, make_rows
 
 REQUIRED_TYPES = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",

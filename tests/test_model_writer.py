@@ -46,6 +46,7 @@ def llama_q8_0(demo_model_path, tmp_path_factory):
     return gguf.GGUFReader(path)
 
 
+@pytest.mark.slow  # the whole demo model against llama-quantize
 def test_q8_0_of_every_matrix_is_byte_identical_to_llama_quantize(demo_reader, llama_q8_0, tmp_path):
     targets = {t.name: t.tensor_type for t in llama_q8_0.tensors}
     out = tmp_path / "ours.gguf"

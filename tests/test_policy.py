@@ -294,6 +294,7 @@ def test_demo_model_types_match_llama_cpp(demo_run, demo):
         assert plan.file_type == run.file_type == int(PRESETS_BY_NAME[case.preset].ftype)
 
 
+@pytest.mark.slow  # writes the demo model
 @pytest.mark.parametrize("case", [Case("Q4_K_M"), Case("Q8_0")], ids=str)
 def test_demo_written_file_matches_dry_run_and_policy(demo, tmp_path, case):
     written = run_llama_cpp(demo, tmp_path / "out.gguf", case)
@@ -322,6 +323,7 @@ def test_demo_requantize_is_refused_like_llama_cpp(demo, tmp_path):
         bpwopt_plan(demo, case)
 
 
+@pytest.mark.slow  # writes the demo model
 def test_demo_q4_1_without_requantize_only_copies(demo, tmp_path):
     # Every target equals the source type (token_embd: Q6_K falls back to Q8_0, its type), so nothing
     # is requantized and llama.cpp accepts it without --allow-requantize.

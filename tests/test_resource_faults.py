@@ -30,6 +30,8 @@ import pytest
 from bpwopt.cli.main import main
 from tests.conftest import save_gguf
 
+pytestmark = pytest.mark.slow  # full disks and truncated inputs while measuring the demo model
+
 REPO = Path(__file__).resolve().parents[1]
 PREVIOUS = b"the user's previous output"
 OPTIMIZE = ["--quiet", "--target-bpw", "6"]

@@ -29,6 +29,8 @@ from bpwopt.quality import calibrate
 from bpwopt.source.rows import tensor_rows
 from tests.test_dropin import assert_same_file, llama_quantize
 
+pytestmark = pytest.mark.slow  # split models against llama-quantize and gguf-split
+
 TENSORS_PER_SHARD = 100
 PROMPT = "The capital of France is"
 

@@ -151,8 +151,7 @@ def tune(
     reference = next((t for t in completed if t.tuning == untuned), None)
     if reference is None:
         raise BpwoptError(f"study {name!r} has no completed untuned trial; run bpwopt tune again to finish it")
-    margin = SIGNIFICANCE * math.hypot(best.score_stderr, reference.score_stderr)
-    chosen = best if best.score < reference.score - margin else reference
+    chosen = choose_trial(best, reference)
     with StateFile.open(state_path, read_identity(state_path), create=False) as state:
         state.set_values("tuned", chosen.tuning)
     return TuneReport(name, storage_path(state_path), tuple(budgets), tuple(completed), reference, best, chosen)
@@ -177,6 +176,15 @@ def _has_trial(study: optuna.Study, params: dict[str, float]) -> bool:
     states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING)
     trials = study.get_trials(deepcopy=False, states=states)
     return any(params in (t.params, t.system_attrs.get("fixed_params")) for t in trials)
+
+
+def choose_trial(best: TrialResult, untuned: TrialResult) -> TrialResult:
+    """The best trial if it beats the untuned one by SIGNIFICANCE combined standard errors, else the untuned one.
+
+    A tuned table is only worth storing when its gain clears the noise of the KLD it was judged on.
+    """
+    margin = SIGNIFICANCE * math.hypot(best.score_stderr, untuned.score_stderr)
+    return best if best.score < untuned.score - margin else untuned
 
 
 def _score(klds: Sequence[float]) -> float:
