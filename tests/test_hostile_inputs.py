@@ -779,6 +779,19 @@ def test_hostile_input(name, valid_inputs, tmp_path, monkeypatch):
     check_case(BY_NAME[name], tmp_path, valid_inputs)
 
 
+FILE_KINDS = ("gguf model", "imatrix (GGUF)", "imatrix (.dat)", "state file")
+
+
+@pytest.mark.parametrize("kind", FILE_KINDS)
+def test_the_commands_that_refuse_a_damaged_file_accept_the_undamaged_one(kind, valid_inputs, tmp_path, monkeypatch):
+    """A refusal is the damage's doing, not the command's: each command the cases run exits 0 on the valid files."""
+    monkeypatch.chdir(tmp_path)
+    runs = {argv for case in CASES if case.category == kind and case.expected != "ok" for argv in case.runs}
+    runs -= {argv for argv in runs if {".", "absent.gguf"} & set(argv)}  # a directory or a missing file: no valid twin
+    assert runs, f"no {kind} case left"
+    check_case(Case(f"{kind}, undamaged", kind, tuple(sorted(runs)), "ok", dict), tmp_path, valid_inputs)
+
+
 def test_error_messages_name_the_problem(valid_inputs, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
