@@ -144,6 +144,7 @@ def test_a_bad_config_is_one_line_naming_the_file_and_the_problem(tmp_path, caps
     assert error.startswith(f"bpwopt: error: config {path}") and message in error and error.count("\n") == 1
 
 
+@pytest.mark.slow  # measures and solves the demo model
 def test_a_dry_run_with_json_from_a_config(demo_model_path, tmp_path, capsys):
     path = config(
         tmp_path,

@@ -62,14 +62,19 @@ def test_q8_0_of_every_matrix_is_byte_identical_to_llama_quantize(demo_reader, l
     assert out.stat().st_size == os.path.getsize(llama_q8_0.data.filename)
 
 
+@pytest.mark.slow  # its fixture runs llama.cpp's quantizer on the whole demo model
 def test_output_order_is_llama_quantizes(demo_reader, llama_q8_0):
     assert llama_cpp_order([t.name for t in demo_reader.tensors]) == [t.name for t in llama_q8_0.tensors]
 
 
+@pytest.mark.slow  # writes the demo model and loads it in llama.cpp
 def test_written_file_loads_and_generates_in_llama_cpp(demo_reader, tmp_path):
-    targets = {name: T.Q4_0 if name.endswith("ffn_up.weight") else next(
-        t.tensor_type for t in demo_reader.tensors if t.name == name) for name in
-        llama_cpp_order([t.name for t in demo_reader.tensors])}
+    targets = {
+        name: T.Q4_0
+        if name.endswith("ffn_up.weight")
+        else next(t.tensor_type for t in demo_reader.tensors if t.name == name)
+        for name in llama_cpp_order([t.name for t in demo_reader.tensors])
+    }
     out = tmp_path / "mixed.gguf"
     write_model(WriteRequest(reader=demo_reader, target_types=targets, file_type=3, progress=False), out)
     model = llama_cpp.Llama(str(out), n_ctx=128, verbose=False)
