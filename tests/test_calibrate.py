@@ -52,8 +52,8 @@ def test_noise_is_sized_per_expert_weights():
     values = make_rows("gaussian", 2 * 16, 64)  # two experts of 16 rows
     weights = np.stack([make_imatrix(64, seed=1), make_imatrix(64, seed=2)])
     noise = scaled_noise(values, weights, 1e-3, np.random.default_rng(1))
-    signal = sum(((values[16 * e:16 * (e + 1)].astype(np.float64) ** 2) @ weights[e]).sum() for e in range(2))
-    injected = sum(((noise[16 * e:16 * (e + 1)].astype(np.float64) ** 2) @ weights[e]).sum() for e in range(2))
+    signal = sum(((values[16 * e : 16 * (e + 1)].astype(np.float64) ** 2) @ weights[e]).sum() for e in range(2))
+    injected = sum(((noise[16 * e : 16 * (e + 1)].astype(np.float64) ** 2) @ weights[e]).sum() for e in range(2))
     assert injected / signal == pytest.approx(1e-3, rel=1e-6)
 
 
@@ -125,9 +125,7 @@ def solve_job(model: Path, state: Path, **changes) -> OptimizeJob:
 
 def test_calibrate_two_groups_stores_positive_sensitivities(demo_model_path, measured_state, tmp_path):
     only = ["attn_v@0-9", "ffn_down@20-29"]
-    report = calibrate(
-        demo_model_path, measured_state, only=only, chunks=1, ctx=64, cache_dir=tmp_path, progress=False
-    )
+    report = calibrate(demo_model_path, measured_state, only=only, chunks=1, ctx=64, cache_dir=tmp_path, progress=False)
     assert [g.key for g in report.groups] == only
     with StateFile.open(measured_state, read_identity(measured_state), create=False) as state:
         sensitivities = state.values("sensitivities")

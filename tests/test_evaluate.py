@@ -77,8 +77,8 @@ def test_texts_are_real_english_of_the_promised_size():
 
 def test_calibration_and_evaluation_texts_share_no_200_character_window():
     calibration, evaluation = calibration_text(), evaluation_text()
-    windows = {calibration[i:i + 200] for i in range(len(calibration) - 199)}
-    assert not any(evaluation[i:i + 200] in windows for i in range(len(evaluation) - 199))
+    windows = {calibration[i : i + 200] for i in range(len(calibration) - 199)}
+    assert not any(evaluation[i : i + 200] in windows for i in range(len(evaluation) - 199))
 
 
 # --- KL divergence ------------------------------------------------------------------------------------
@@ -284,7 +284,7 @@ def test_grid_steps_are_the_spacing_of_each_types_grid(source_type):
     blocks = rng.integers(0, 256, size=(64, block_bytes), dtype=np.uint8)
     for offset in _F16_FIELDS[source_type]:
         scales = rng.uniform(0.001, 0.01, size=64).astype(np.float16)
-        blocks[:, offset:offset + 2] = scales.view(np.uint8).reshape(64, 2)
+        blocks[:, offset : offset + 2] = scales.view(np.uint8).reshape(64, 2)
     values = gguf.quants.dequantize(blocks, source_type).reshape(64, block_size).astype(np.float64)
     steps = grid_steps(blocks, source_type).astype(np.float64)
     sub_block = 16 if source_type in (GGMLQuantizationType.Q2_K, GGMLQuantizationType.Q3_K,

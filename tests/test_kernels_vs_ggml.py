@@ -75,8 +75,7 @@ def real_tensors(demo_model_path):
     reader = gguf.GGUFReader(demo_model_path)
     by_name = {tensor.name: tensor for tensor in reader.tensors}
     return {
-        name: gguf.quants.dequantize(by_name[name].data, by_name[name].tensor_type)[:96].copy()
-        for name in REAL_TENSORS
+        name: gguf.quants.dequantize(by_name[name].data, by_name[name].tensor_type)[:96].copy() for name in REAL_TENSORS
     }
 
 
