@@ -174,7 +174,7 @@ def test_calibrate_then_plot(kind, imatrix, models, imatrices, tmp_path, capsys)
 @pytest.mark.parametrize("kind", ["f32", "q4_k_m", "moe"])
 def test_tune_one_trial(kind, models, imatrices, tmp_path, capsys):
     state = measured_state(capsys, models, imatrices, kind, tmp_path)
-    report = json.loads(succeed(capsys, "tune", models[kind], "--state-file", state, *requantize(kind), *SAMPLE,
-                                "--target-bpw", "4.5", "--trials", "1", "--json", "--quiet", *TEXT_WINDOWS))  # fmt: skip
+    argv = ["tune", models[kind], "--state-file", state, *requantize(kind), *SAMPLE, "--target-bpw", "4.5"]
+    report = json.loads(succeed(capsys, *argv, "--trials", "1", "--json", "--quiet", *TEXT_WINDOWS))
     assert report["trials"] == 1 and report["chosen"]["number"] == 0  # the one trial is the untuned one
 
