@@ -28,8 +28,6 @@ from bpwopt.source.rows import rows_to_float, tensor_rows
 from bpwopt.state.store import StateFile, TensorRecord, read_identity
 from tests.conftest import make_imatrix, make_rows
 
-pytestmark = pytest.mark.slow  # noise injection with KL divergence through llama.cpp
-
 Q = gguf.GGMLQuantizationType
 CANDIDATES = (Q.Q4_0, Q.Q5_0, Q.Q8_0)  # few types: the module's measurement stays fast
 
@@ -91,6 +89,7 @@ def test_uncalibrated_groups_get_the_median_weight():
     assert solver_weights(measured, ["a", "b", "c", "d"]) == {"a": 1.0, "b": 3.0, "c": 8.0, "d": 3.0}
 
 
+@pytest.mark.slow  # perturbs the demo model
 def test_perturbed_file_has_the_relative_error_in_each_tensor(demo_model_path, tmp_path):
     reader = open_gguf(demo_model_path)
     names = ["blk.0.attn_v.weight", "blk.1.attn_v.weight"]
@@ -123,6 +122,7 @@ def solve_job(model: Path, state: Path, **changes) -> OptimizeJob:
     )  # fmt: skip
 
 
+@pytest.mark.slow  # KL divergence through llama.cpp on the demo model
 def test_calibrate_two_groups_stores_positive_sensitivities(demo_model_path, measured_state, tmp_path):
     only = ["attn_v@0-9", "ffn_down@20-29"]
     report = calibrate(demo_model_path, measured_state, only=only, chunks=1, ctx=64, cache_dir=tmp_path, progress=False)
@@ -143,6 +143,7 @@ def test_calibrate_two_groups_stores_positive_sensitivities(demo_model_path, mea
     assert all(group.reused for group in again.groups)  # resumed: nothing measured twice
 
 
+@pytest.mark.slow  # measures and solves the demo model
 def test_raising_a_group_weight_gives_its_tensors_more_bits(demo_model_path, measured_state):
     def group_bytes(weights: dict[str, float]) -> int:
         with StateFile.open(measured_state, read_identity(measured_state), create=False) as state:

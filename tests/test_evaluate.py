@@ -26,8 +26,6 @@ from bpwopt.quality.texts import calibration_text, evaluation_text
 from bpwopt.source.rows import rows_to_float, tensor_rows
 from tests.conftest import save_gguf
 
-pytestmark = pytest.mark.slow  # KL divergence through llama.cpp
-
 pytest.importorskip("llama_cpp")
 
 FAST = {"ctx": 128, "chunks": 2, "threads": 1, "progress": False}  # one thread: robust on a shared CPU
@@ -84,6 +82,7 @@ def test_calibration_and_evaluation_texts_share_no_200_character_window():
 # --- KL divergence ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # KL divergence through llama.cpp
 def test_a_model_against_itself_has_zero_kld_and_equal_perplexity(off_grid_path, cache_dir):
     result = evaluate(off_grid_path, off_grid_path, evaluation_text(), cache_dir=cache_dir, **FAST)
     assert result.tokens == 2 * (128 - 1 - 64)
@@ -95,6 +94,7 @@ def test_a_model_against_itself_has_zero_kld_and_equal_perplexity(off_grid_path,
     assert 5 < result.ppl_base < 200
 
 
+@pytest.mark.slow  # KL divergence through llama.cpp
 def test_q8_0_has_small_positive_kld_and_q4_0_a_larger_one(off_grid_path, cache_dir):
     q8 = evaluate(off_grid_path, _quantized(off_grid_path, "Q8_0"), evaluation_text(), cache_dir=cache_dir, **FAST)
     q4 = evaluate(off_grid_path, _quantized(off_grid_path, "Q4_0"), evaluation_text(), cache_dir=cache_dir, **FAST)
@@ -107,6 +107,7 @@ def test_q8_0_has_small_positive_kld_and_q4_0_a_larger_one(off_grid_path, cache_
     assert q8.ppl_base == q4.ppl_base  # the same cached base
 
 
+@pytest.mark.slow  # KL divergence through llama.cpp
 def test_second_evaluation_reads_the_base_from_the_cache(off_grid_path, tmp_path, monkeypatch):
     quant = _quantized(off_grid_path, "Q8_0")
     first = evaluate(off_grid_path, quant, evaluation_text(), cache_dir=tmp_path, **FAST)
@@ -124,6 +125,7 @@ def test_second_evaluation_reads_the_base_from_the_cache(off_grid_path, tmp_path
     np.testing.assert_array_equal(second.kld_per_token, first.kld_per_token)
 
 
+@pytest.mark.slow  # KL divergence through llama.cpp
 def test_a_corrupt_cache_entry_is_recomputed(off_grid_path, tmp_path):
     evaluate(off_grid_path, off_grid_path, evaluation_text(), cache_dir=tmp_path, **FAST)
     (entry,) = tmp_path.glob("base-*.npz")
@@ -142,6 +144,7 @@ def test_default_chunks_keep_the_cache_under_its_budget():
 # --- bad input ----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # its model is the off-grid copy of the demo model
 def test_missing_files_short_texts_and_bad_settings_are_one_line_errors(off_grid_path, tmp_path):
     cases = [
         (lambda: evaluate(tmp_path / "absent.gguf", off_grid_path, evaluation_text()), "no such file"),
@@ -155,6 +158,7 @@ def test_missing_files_short_texts_and_bad_settings_are_one_line_errors(off_grid
         assert "\n" not in str(caught.value)
 
 
+@pytest.mark.slow  # loads the off-grid demo model in llama.cpp
 def test_a_file_llama_cpp_cannot_load_is_a_one_line_error(off_grid_path, tmp_path):
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"GGUF" + bytes(100))
@@ -179,6 +183,7 @@ def _with_swapped_tokens(source: Path, output: Path, first: str, second: str) ->
     return output
 
 
+@pytest.mark.slow  # loads the demo model in llama.cpp
 def test_a_model_with_another_vocabulary_is_refused(demo_model_path, tmp_path):
     other = _with_swapped_tokens(demo_model_path, tmp_path / "other-vocab.gguf", "Ġthe", "Ġand")
     with pytest.raises(BpwoptError, match="tokenizes the text differently"):
@@ -188,6 +193,7 @@ def test_a_model_with_another_vocabulary_is_refused(demo_model_path, tmp_path):
 # --- off-grid testbed ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # an off-grid copy of the whole demo model
 def test_off_grid_weights_stay_within_half_a_step_of_the_source(source_reader, off_grid_reader):
     source, off_grid = source_reader, off_grid_reader
     assert int(off_grid.fields["general.file_type"].contents()) == 1
@@ -210,6 +216,7 @@ def test_off_grid_weights_stay_within_half_a_step_of_the_source(source_reader, o
         assert np.mean(after == before) < 0.01, tensor.name
 
 
+@pytest.mark.slow  # an off-grid copy of the whole demo model
 def test_off_grid_weights_are_not_on_the_source_grid(source_reader, off_grid_reader):
     name = "blk.3.ffn_up.weight"
     source = next(t for t in source_reader.tensors if t.name == name)
@@ -314,6 +321,7 @@ def test_off_grid_refuses_types_it_cannot_handle(tmp_path):
 DATA = Path(__file__).resolve().parent.parent / "data"
 
 
+@pytest.mark.slow  # reads the whole demo model (about 4 s)
 @pytest.mark.parametrize("name", ["smollm2-135m-q4_1.imatrix.gguf", "smollm2-135m-offgrid-f16.imatrix.gguf"])
 def test_shipped_imatrices_are_small_and_fit_the_demo_model(name, source_reader):
     path = DATA / name

@@ -8,8 +8,6 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-pytestmark = pytest.mark.slow  # the walkthrough end to end
-
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "walkthrough.ipynb"
 
 
@@ -19,6 +17,7 @@ def test_notebook_is_committed_without_outputs():
     assert code and all(not cell.outputs and cell.execution_count is None for cell in code)
 
 
+@pytest.mark.slow  # the walkthrough end to end on the demo model
 def test_walkthrough_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("BPWOPT_NOTEBOOK_WORK", str(tmp_path))  # the kernel inherits it: output stays in tmp_path
     notebook = nbformat.read(NOTEBOOK, as_version=4)
