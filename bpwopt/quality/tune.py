@@ -179,10 +179,8 @@ def _has_trial(study: optuna.Study, params: dict[str, float]) -> bool:
 
 
 def choose_trial(best: TrialResult, untuned: TrialResult) -> TrialResult:
-    """The best trial if it beats the untuned one by SIGNIFICANCE combined standard errors, else the untuned one.
-
-    A tuned table is only worth storing when its gain clears the noise of the KLD it was judged on.
-    """
+    """The best trial if it beats the untuned one by SIGNIFICANCE combined standard errors, else the untuned one."""
+    # a tuned table is only worth storing when its gain clears the noise of the KLD it was judged on
     margin = SIGNIFICANCE * math.hypot(best.score_stderr, untuned.score_stderr)
     return best if best.score < untuned.score - margin else untuned
 
