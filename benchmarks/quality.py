@@ -85,7 +85,7 @@ def main() -> None:
     done = measured_rows(args.out)
     solve = OptimizeJob(
         input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,
-        state_path=work / f"{args.model}-{label}.bpw_state", objective="relative", threads=args.threads, progress=False,
+        state_path=work / f"{args.model}-{label}.bpw_state", objective="relative", progress=False,
     )  # fmt: skip
     presets = {
         name: quantize_preset(base, name, imatrix, work / f"{name}-{label}-preset.gguf") for name in args.presets
@@ -139,7 +139,7 @@ def method_job(
         return replace(job, objective=method, ignore_importance=True)
     if method == "sensitivity":
         return replace(job, tuning={})
-    report = tune(solve, held_out_budgets(presets), trials=args.trials, progress=False)
+    report = tune(solve, held_out_budgets(presets), trials=args.trials, threads=args.threads, progress=False)
     return replace(job, tuning=report.chosen.tuning)
 
 
