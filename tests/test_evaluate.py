@@ -27,8 +27,6 @@ from bpwopt.quality.texts import calibration_text, evaluation_text
 from bpwopt.source.rows import rows_to_float, tensor_rows
 from tests.conftest import save_gguf
 
-pytest.importorskip("llama_cpp")
-
 FAST = {"ctx": 128, "chunks": 2, "threads": 1, "progress": False}  # one thread: robust on a shared CPU
 
 

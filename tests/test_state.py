@@ -293,6 +293,7 @@ def test_a_directory_is_not_a_state_file(tmp_path):
         StateFile.open(tmp_path, IDENTITY)
 
 
+@pytest.mark.slow  # a kill test
 def test_measurements_survive_kill_9_right_after_they_are_added(state_path):
     killed = run_python(f"""
         import os, signal
