@@ -331,33 +331,38 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
     """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused).
 
     A stored pair lacking a statistic this bpwopt computes (a state from before it existed) is measured again.
+    Tasks are made as the executor takes them, so only the tensor in flight holds its imatrix weights.
     """
     known = {key for key, m in state.measurements().items() if STATISTICS.keys() <= m.statistics.keys()}
     records = state.tensors()
     by_name = policy.source.tensors_by_name
-    tasks = []
+    pending = []  # (plan, missing type names, needs a record)
     for plan in policy.varied:
-        tensor = by_name[plan.source_name]
-        wanted = policy.types_of[plan.source_name]
-        missing = tuple(t.name for t in wanted if (plan.source_name, t.name) not in known)
-        weights = None
-        if policy.source.imatrix is not None:
-            weights = policy.source.imatrix.weights_for(tensor.name, int(tensor.shape[0]), expert_count(tensor))
-        tasks.append(
-            TensorTask(
+        missing = tuple(t.name for t in policy.types_of[plan.source_name] if (plan.source_name, t.name) not in known)
+        if missing or plan.source_name not in records:
+            pending.append((plan, missing, plan.source_name not in records))
+
+    def tasks() -> Iterator[TensorTask]:
+        for plan, missing, needs_record in pending:
+            tensor = by_name[plan.source_name]
+            weights = None
+            if policy.source.imatrix is not None:
+                weights = policy.source.imatrix.weights_for(tensor.name, int(tensor.shape[0]), expert_count(tensor))
+            yield TensorTask(
                 model_path=str(policy.source.reader.paths[0]),
                 tensor=plan.source_name,
                 category=plan.category.value,
                 types=missing,
                 weights=weights,
                 sampling=job.sampling,
-                needs_record=plan.source_name not in records,
+                needs_record=needs_record,
                 elements=int(tensor.n_elements),
             )
-        )
-    measured = sum(len(task.types) for task in tasks)
+
+    measured = sum(len(missing) for _, missing, _ in pending)
     reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
-    measure_tensors(tasks, lambda result: _store(state, result), progress=job.progress)
+    total = sum(int(by_name[plan.source_name].n_elements) * max(1, len(missing)) for plan, missing, _ in pending)
+    measure_tensors(tasks(), lambda result: _store(state, result), progress=job.progress, total=total)
     return measured, reused
 
 

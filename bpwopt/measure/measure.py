@@ -19,7 +19,7 @@ import os
 import re
 import time
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -252,20 +252,26 @@ def _tensors_of(path: str, inode: int, size: int, mtime_ns: int) -> dict[str, gg
 
 
 def measure_tensors(
-    tasks: Sequence[TensorTask],
+    tasks: Iterable[TensorTask],
     on_result: Callable[[TensorResult], None],
     executor: Executor | None = None,
     progress: bool = True,
+    total: int | None = None,
 ) -> None:
     """Run every task on executor (in this process by default), handing each result over as it arrives.
 
-    The progress bar counts elements × types, so its ETA weighs big tensors and slow types fairly.
+    tasks may be a generator, so that only the tasks in flight hold their imatrix weights; total is
+    their Σ elements × types, for the progress bar, whose ETA then weighs big tensors and slow types fairly.
     """
-    pending = [task for task in tasks if task.types or task.needs_record]
-    size = {task.tensor: task.elements * max(1, len(task.types)) for task in pending}
-    with tqdm(total=sum(size.values()), unit="w", unit_scale=True, desc="measuring",
-              disable=not progress or not pending) as bar:  # fmt: skip
-        for result in (executor or InProcessExecutor()).map(measure_tensor, pending):
+    sizes: dict[str, int] = {}
+
+    def announced() -> Iterator[TensorTask]:
+        for task in tasks:
+            sizes[task.tensor] = task.elements * max(1, len(task.types))
+            yield task
+
+    with tqdm(total=total, unit="w", unit_scale=True, desc="measuring", disable=not progress or total == 0) as bar:
+        for result in (executor or InProcessExecutor()).map(measure_tensor, announced()):
             on_result(result)
             bar.set_postfix_str(result.tensor, refresh=False)
-            bar.update(size[result.tensor])
+            bar.update(sizes.pop(result.tensor))
