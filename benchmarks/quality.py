@@ -9,8 +9,10 @@ the evaluation text (`bpwopt.quality.texts`), through llama.cpp.
 Methods:
   wsse         Σ w(x−x̂)², stored weights ignored (w = the imatrix; plain squared error without one)
   relative     each tensor's error over its own signal, stored weights ignored
-  per-weight   relative times the tensor's number of weights, stored weights ignored
-  sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate` on the calibration text)
+  per-weight   relative times the tensor's number of weights, stored weights ignored (the flow without calibrate)
+  calibrated   the default flow after `bpwopt calibrate` (--probe, --groups): the state's default objective
+               weighted by the sensitivities it measured on the calibration text
+  sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate --probe noise`)
   tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
                calibration text) at held-out budgets: bpw midway between the two smallest and between
                the two largest presets, never one of the sizes in the table (the factors tune stores:
@@ -26,18 +28,21 @@ there, and the state (measurements, sensitivities, the optuna study) resumes.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
+import time
 from dataclasses import replace
 from pathlib import Path
 
 from bpwopt.demo import gemma3_path, smollm2_path
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
-from bpwopt.quality.calibrate import DEFAULT_NOISE, calibrate
+from bpwopt.quality.calibrate import DEFAULT_NOISE, DEFAULT_PROBE, PROBES, calibrate
 from bpwopt.quality.evaluate import evaluate
 from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.quality.tune import tune
+from bpwopt.solve.objective import DEFAULT_GROUPING, GROUPINGS
 from bpwopt.solve.targets import Target
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,8 +50,9 @@ MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/ma
     "smollm2": (smollm2_path, REPO / "data" / "smollm2-135m-offgrid-f16.imatrix.gguf"),
     "gemma3": (gemma3_path, REPO / "data" / "gemma3-270m-offgrid-f16.imatrix.gguf"),
 }
-PRESETS = ["Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "IQ4_XS", "Q5_K_M"]
-METHODS = ["wsse", "relative", "per-weight", "sensitivity", "tuned"]
+PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
+METHODS = ["wsse", "relative", "per-weight", "calibrated", "sensitivity", "tuned"]
+DEFAULT_METHODS = ["per-weight", "calibrated"]
 HEADER = (
     "| preset | imatrix | method | file bytes | bpw | mean KLD | ± | p99 KLD | same top | PPL | KLD / preset |\n"
     "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
@@ -57,7 +63,9 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=list(MODELS), default="smollm2")
     parser.add_argument("--presets", nargs="+", default=PRESETS)
-    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, choices=METHODS)
+    parser.add_argument("--probe", choices=PROBES, default=DEFAULT_PROBE, help="calibrate's probe (calibrated)")
+    parser.add_argument("--groups", choices=GROUPINGS, default=DEFAULT_GROUPING, help="calibrate's groups")
     parser.add_argument("--imatrix", choices=["yes", "no"], default="yes")
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="calibration noise, rho^2")
     parser.add_argument("--calibration-chunks", type=int, default=2)
@@ -83,19 +91,28 @@ def main() -> None:
     if not args.out.exists():
         args.out.write_text(HEADER)
     done = measured_rows(args.out)
+    measured = work / f"{args.model}-{label}.bpw_state"  # every candidate measured, nothing calibrated
     solve = OptimizeJob(
         input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,
-        state_path=work / f"{args.model}-{label}.bpw_state", objective="relative", progress=False,
+        state_path=measured, objective="relative", progress=False,
     )  # fmt: skip
     presets = {
         name: quantize_preset(base, name, imatrix, work / f"{name}-{label}-preset.gguf") for name in args.presets
     }
-    if {"sensitivity", "tuned"} & set(args.methods):  # calibrate resumes and reuses values of the same settings
-        optimize_file(replace(solve, dry_run=True, ignore_importance=True))  # measures what the state lacks
-        calibrate(
-            base, solve.state_path, imatrix_path=imatrix, noise=args.noise, chunks=args.calibration_chunks,
-            ctx=args.calibration_ctx, threads=args.threads, progress=False,
-        )  # fmt: skip
+    optimize_file(replace(solve, dry_run=True, ignore_importance=True))  # measures what the state lacks
+    calibrated = {}  # method -> the state it solves from, calibrated as that method needs
+    for method, probe, groups in (("calibrated", args.probe, args.groups), ("sensitivity", "noise", DEFAULT_GROUPING)):
+        if method in args.methods or (method == "sensitivity" and "tuned" in args.methods):
+            calibrated[method] = work / f"{args.model}-{label}-{probe}-{groups}.bpw_state"
+            if not calibrated[method].exists():
+                shutil.copyfile(measured, calibrated[method])
+            started = time.perf_counter()
+            calibrate(
+                base, calibrated[method], imatrix_path=imatrix, probe=probe, grouping=groups, noise=args.noise,
+                chunks=args.calibration_chunks, ctx=args.calibration_ctx, threads=args.threads, progress=False,
+            )  # fmt: skip  (resumes: values of the same settings are reused)
+            print(f"calibrate --probe {probe} --groups {groups}: {time.perf_counter() - started:.1f} s", flush=True)
+    solve = replace(solve, state_path=calibrated.get("sensitivity", measured))
     text, reference = evaluation_text(), {}
     for name, (preset_path, preset_bytes, preset_bpw) in presets.items():
         for method in ["preset", *args.methods]:  # the preset first: its KLD is the ratio's reference
@@ -106,7 +123,10 @@ def main() -> None:
             path, file_bytes, bpw = preset_path, preset_bytes, preset_bpw
             if method != "preset":  # every method at the preset's size
                 out = work / f"{name}-{label}-{method}.gguf"
-                plan = optimize_file(method_job(solve, method, presets, args, out, preset_bytes))
+                job = method_job(solve, method, presets, args, out, preset_bytes)
+                if method == "calibrated":
+                    job = replace(job, state_path=calibrated[method], objective=None)  # the default flow
+                plan = optimize_file(job)
                 path, file_bytes, bpw = out, plan.file_bytes, plan.bits_per_weight
             result = evaluate(base, path, text, chunks=args.chunks, threads=args.threads, progress=False)
             reference.setdefault(name, result.mean_kld)
@@ -137,7 +157,7 @@ def method_job(
     job = replace(solve, output_path=out, target=Target(file_bytes=file_bytes), objective="relative")
     if method in ("wsse", "relative", "per-weight"):
         return replace(job, objective=method, ignore_importance=True)
-    if method == "sensitivity":
+    if method in ("sensitivity", "calibrated"):
         return replace(job, tuning={})
     report = tune(solve, held_out_budgets(presets), trials=args.trials, threads=args.threads, progress=False)
     return replace(job, tuning=report.chosen.tuning)

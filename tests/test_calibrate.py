@@ -15,14 +15,18 @@ from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.measure.measure import Sampling
 from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.quality.calibrate import (
+    PROBE_OBJECTIVE,
     calibrate,
+    noise_perturbation,
+    probe_types,
+    quant_perturbation,
     relative_error,
     scaled_noise,
     solver_weights,
     tensor_groups,
     write_perturbed,
 )
-from bpwopt.solve.objective import group_key, group_weight, layer_thirds
+from bpwopt.solve.objective import PROBE_BPW_KEY, group_key, group_weight, layer_thirds, option_errors
 from bpwopt.solve.targets import Target
 from bpwopt.source.rows import rows_to_float, tensor_rows
 from bpwopt.state.store import StateFile, TensorRecord, read_identity
@@ -95,7 +99,7 @@ def test_perturbed_file_has_the_relative_error_in_each_tensor(demo_model_path, t
     names = ["blk.0.attn_v.weight", "blk.1.attn_v.weight"]
     weights = {name: make_imatrix(576, seed=i) for i, name in enumerate(names)}
     imatrix = Imatrix(Path("test.imatrix"), weights)
-    write_perturbed(reader, names, tmp_path / "p.gguf", 2e-3, imatrix)
+    write_perturbed(reader, names, tmp_path / "p.gguf", noise_perturbation(2e-3, seed=0), imatrix)
     written = {t.name: t for t in open_gguf(tmp_path / "p.gguf").tensors}
     for tensor in reader.tensors:
         if tensor.name in names:
@@ -125,22 +129,60 @@ def solve_job(model: Path, state: Path, **changes) -> OptimizeJob:
 @pytest.mark.slow  # KL divergence through llama.cpp on the demo model
 def test_calibrate_two_groups_stores_positive_sensitivities(demo_model_path, measured_state, tmp_path):
     only = ["attn_v@0-9", "ffn_down@20-29"]
-    report = calibrate(demo_model_path, measured_state, only=only, chunks=1, ctx=64, cache_dir=tmp_path, progress=False)
+    report = calibrate(
+        demo_model_path, measured_state, only=only, probe="noise", chunks=1, ctx=64, cache_dir=tmp_path, progress=False
+    )  # fmt: skip
     assert [g.key for g in report.groups] == only
     with StateFile.open(measured_state, read_identity(measured_state), create=False) as state:
         sensitivities = state.values("sensitivities")
         weights = state.values("weights")
         records = list(state.tensors().values())
     for group in report.groups:
-        assert len(group.tensors) == 10 and group.summed_relative_error == pytest.approx(10e-3)
+        assert len(group.tensors) == 10 and group.summed_error == pytest.approx(10e-3)
         assert math.isfinite(group.sensitivity) and group.sensitivity > 0
         assert sensitivities[group.key] == group.sensitivity == weights[group.key]
     groups = tensor_groups(records, 30)
     assert set(weights) == set(groups) and len(groups) == 22  # 7 classes x 3 thirds + the tied embedding
     assert sensitivities["calibration.noise"] == 1e-3 and sensitivities["calibration.chunks"] == 1
 
-    again = calibrate(demo_model_path, measured_state, only=only, chunks=1, ctx=64, cache_dir=tmp_path, progress=False)
+    again = calibrate(
+        demo_model_path, measured_state, only=only, probe="noise", chunks=1, ctx=64, cache_dir=tmp_path, progress=False
+    )  # fmt: skip
     assert all(group.reused for group in again.groups)  # resumed: nothing measured twice
+
+
+@pytest.mark.slow  # measures the demo model, then perturbs it through each tensor's probe type
+def test_quant_probe_perturbs_each_tensor_by_the_error_the_state_measured_for_its_probe(
+    demo_model_path, measured_state, tmp_path
+):
+    with StateFile.open(measured_state, read_identity(measured_state), create=False) as state:
+        records, measurements = state.tensors(), state.measurements()
+    probes = probe_types(records, measurements)
+    assert probes["blk.0.attn_v.weight"] == Q.Q4_0  # 4.5 bpw: the candidate nearest PROBE_BPW
+    assert probes["token_embd.weight"] == Q.Q4_0
+    names = ["blk.0.attn_v.weight", "blk.3.ffn_down.weight"]
+    reader = open_gguf(demo_model_path)
+    write_perturbed(reader, names, tmp_path / "p.gguf", quant_perturbation(probes), None)
+    written = {t.name: t for t in open_gguf(tmp_path / "p.gguf").tensors}
+    for tensor in reader.tensors:
+        if tensor.name not in names:
+            continue
+        source = rows_to_float(tensor_rows(tensor), Q(tensor.tensor_type))
+        perturbed = np.asarray(written[tensor.name].data).reshape(source.shape)
+        plain = relative_error(source, perturbed, None)
+        record = records[tensor.name]
+        stored = measurements[tensor.name, "Q4_0"].value("sse") / record.plain_energy  # measured on 64 sampled rows
+        assert plain == pytest.approx(stored, rel=0.25)
+        assert option_errors(PROBE_OBJECTIVE, [measurements[tensor.name, "Q4_0"]], record)[0] > 0
+
+    report = calibrate(
+        demo_model_path, measured_state, only=["attn_v@0-9"], chunks=1, ctx=64, cache_dir=tmp_path, progress=False
+    )  # fmt: skip
+    (group,) = report.groups
+    expected = sum(option_errors(PROBE_OBJECTIVE, [measurements[n, "Q4_0"]], records[n])[0] for n in group.tensors)
+    assert group.summed_error == pytest.approx(expected) and group.sensitivity > 0
+    with StateFile.open(measured_state, read_identity(measured_state), create=False) as state:
+        assert state.values("sensitivities")[PROBE_BPW_KEY] == 4.5
 
 
 @pytest.mark.slow  # measures and solves the demo model

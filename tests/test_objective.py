@@ -10,7 +10,7 @@ import pytest
 
 from bpwopt.errors import BpwoptError
 from bpwopt.measure.records import Estimate, Measurement, TensorRecord
-from bpwopt.solve.objective import REGISTRY, default_objective, get_objective, option_errors
+from bpwopt.solve.objective import PROBE_BPW_KEY, REGISTRY, default_objective, get_objective, option_errors
 
 RECORD = TensorRecord("blk.3.ffn_down.weight", (1536, 576), 884_736, "F16", "ffn_down", 3, 50.0, 40.0)
 
@@ -60,7 +60,9 @@ def test_an_unusable_stored_error_or_weight_is_a_damaged_state(bad):
 def test_an_unknown_objective_names_the_registered_ones_and_the_default_depends_on_calibration():
     with pytest.raises(ValueError, match="valid: wsse, relative, per-weight"):
         get_objective("mse")
-    assert default_objective({}) == "per-weight" and default_objective({"attn_v@0-9": 2.0}) == "relative"
+    assert default_objective({}, {}) == "per-weight"
+    assert default_objective({"attn_v@0-9": 2.0}, {PROBE_BPW_KEY: 0.0}) == "relative"  # noise probes
+    assert default_objective({"attn_v@0-9": 2.0}, {PROBE_BPW_KEY: 4.5}) == "per-weight"  # quantization probes
 
 
 # measured(4.0) on RECORD: weighted error 4, plain error 8; signals 50 (weighted) and 40 (plain), 884,736 weights

@@ -265,6 +265,7 @@ def test_calibrate_and_plot_accept_the_split_model_their_state_was_measured_from
     assert main(["calibrate", str(shards[0]), *arguments]) == 0  # the split model's hash matches its state's
     assert main(["plot", str(state), "--model", str(shards[0]), "--out", str(tmp_path / "plots")]) == 0
     perturbed = tmp_path / "perturbed.gguf"
-    calibrate.write_perturbed(open_model(shards[0]), ["blk.0.attn_v.weight"], perturbed, 1e-3, None)
+    noise = calibrate.noise_perturbation(1e-3, seed=0)
+    calibrate.write_perturbed(open_model(shards[0]), ["blk.0.attn_v.weight"], perturbed, noise, None)
     assert not {"split.no", "split.count", "split.tensors.count"} & set(gguf.GGUFReader(perturbed).fields)
     assert greedy_text(perturbed).strip()  # one file holding every shard's tensors: llama.cpp loads it

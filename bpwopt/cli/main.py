@@ -14,7 +14,7 @@ import math
 import os
 import sys
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -27,14 +27,24 @@ from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import cache_dir
 from bpwopt.formats.splits import SPLIT_KEYS
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
-from bpwopt.jobs.quantize import QuantizeJob, quantize_file
+from bpwopt.jobs.quantize import QuantizeJob, default_output_path, quantize_file
 from bpwopt.jobs.report import describe_written, format_plan, report_as_dict
 from bpwopt.measure.measure import DEFAULT_CANDIDATES, Sampling
 from bpwopt.policy.llama import QuantizeOptions, parse_tensor_type_option
 from bpwopt.policy.presets import PRESETS_BY_NAME, format_presets_help, parse_ggml_type_name
-from bpwopt.quality.calibrate import DEFAULT_CHUNKS, DEFAULT_NOISE, calibrate, format_report
+from bpwopt.quality.calibrate import (
+    DEFAULT_CHUNKS,
+    DEFAULT_NOISE,
+    DEFAULT_PROBE,
+    PROBE_BPW,
+    PROBE_OBJECTIVE,
+    PROBES,
+    calibrate,
+    format_report,
+)
 from bpwopt.quality.calibrate import DEFAULT_CTX as CALIBRATION_CTX
 from bpwopt.quality.evaluate import evaluate, record_evaluation
+from bpwopt.quality.guarantee import CHECK_MODES, checked_optimize, format_check, wants_check
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.quality.tune import DEFAULT_CHUNKS as TUNE_CHUNKS
 from bpwopt.quality.tune import DEFAULT_CTX as TUNE_CTX
@@ -105,13 +115,14 @@ def _plot(args: argparse.Namespace) -> None:
 
 def _calibrate(args: argparse.Namespace) -> None:
     report = calibrate(
-        args.model, args.state_file, imatrix_path=args.imatrix, grouping=args.groups, noise=args.noise,
+        args.model, args.state_file, imatrix_path=args.imatrix, grouping=args.groups, probe=args.probe,
+        noise=args.noise,
         chunks=args.chunks, ctx=args.ctx, only=args.only.split(",") if args.only else None, seed=args.seed,
         fresh=args.fresh, threads=args.threads, progress=not args.quiet,
     )  # fmt: skip
     if args.json:
-        print(json.dumps({"noise": report.noise, "chunks": report.chunks, "ctx": report.ctx, "weights": report.weights,
-                          "groups": [vars(g) for g in report.groups]}, indent=2))  # fmt: skip
+        settings = {"probe": report.probe, "noise": report.noise, "chunks": report.chunks, "ctx": report.ctx}
+        print(json.dumps({**settings, "weights": report.weights, "groups": [vars(g) for g in report.groups]}, indent=2))
         return
     print(format_report(report))
     print(f"bpwopt: stored {len(report.weights)} group weights in {args.state_file}; later solves use them "
@@ -216,6 +227,11 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--prune-layers", metavar="L0,L1,...", help="remove these layers; later ones are renumbered")
     add("--keep-split", action="store_true", help="write the output in the same shards as the input")
     add("--dry-run", action="store_true", help="print the sizes (with a target: the plan), write nothing")
+    add(
+        "--check", choices=CHECK_MODES, default="auto",
+        help="with a target: write the plan and the largest llama.cpp preset that fits, measure both one's KLD on "
+        "the calibration text (llama-cpp-python) and keep the better; auto: when --state-file was calibrated",
+    )  # fmt: skip
     add("--quiet", action="store_true", help="no progress bar")
     add("--threads", type=int, metavar="N", help="threads for quantizing and measuring (default: all cores)")
     target = parser.add_argument_group("optimizer (bpwopt's own)", _TARGET_HELP)
@@ -387,7 +403,7 @@ def _quantize(args: argparse.Namespace) -> None:
     job = _job_from_args(args)
     _set_threads(args.threads or parse_positionals(args.positionals, has_target=isinstance(job, OptimizeJob)).threads)
     if isinstance(job, OptimizeJob):
-        _optimize(job, args.json)
+        _optimize(job, args)
         return
     report = quantize_file(job)
     log = sys.stderr
@@ -402,12 +418,23 @@ def _quantize(args: argparse.Namespace) -> None:
         print(f"bpwopt: wrote {describe_written(report.output_path, report.shards, report.file_bytes)}", file=log)
 
 
-def _optimize(job: OptimizeJob, as_json: bool) -> None:
-    report = optimize_file(job)
-    if as_json:
-        print(json.dumps(report_as_dict(report), indent=2))
+def _optimize(job: OptimizeJob, args: argparse.Namespace) -> None:
+    checked = None
+    if wants_check(args.check, job):
+        output = job.output_path or default_output_path(job.input_path, job.target.file_label())
+        checked = checked_optimize(replace(job, output_path=output), threads=args.threads)
+        report = checked.plan
+    else:
+        report = optimize_file(job)
+    if args.json:
+        summary = report_as_dict(report)
+        if checked is not None:
+            summary["check"] = {"kept": checked.chosen, "candidates": [vars(c) for c in checked.candidates]}
+        print(json.dumps(summary, indent=2))
         return
     print(format_plan(report, per_tensor=job.dry_run), file=sys.stdout if job.dry_run else sys.stderr)
+    if checked is not None:
+        print(format_check(checked), file=sys.stderr)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -469,8 +496,15 @@ def build_parser() -> argparse.ArgumentParser:
     calibration.add_argument("--groups", choices=GROUPINGS, default=DEFAULT_GROUPING,
                              help="tensor groups (default: class-third = tensor class x third of the layers)")
     calibration.add_argument(
-        "--noise", type=float, default=DEFAULT_NOISE, help=f"relative error per tensor, rho^2 ({DEFAULT_NOISE:g})"
-    )
+        "--probe", choices=PROBES, default=DEFAULT_PROBE,
+        help=f"how a group is perturbed: quant = each tensor through its measured type nearest {PROBE_BPW:g} bpw "
+        f"(sensitivity per unit of the {PROBE_OBJECTIVE} objective), noise = Gaussian noise of --noise relative "
+        f"error (per unit of relative error) (default: {DEFAULT_PROBE})",
+    )  # fmt: skip
+    calibration.add_argument(
+        "--noise", type=float, default=DEFAULT_NOISE,
+        help=f"with --probe noise: relative error per tensor, rho^2 ({DEFAULT_NOISE:g})",
+    )  # fmt: skip
     calibration.add_argument(
         "--chunks", type=int, default=DEFAULT_CHUNKS, help=f"text windows per group ({DEFAULT_CHUNKS})"
     )

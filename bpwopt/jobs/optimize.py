@@ -215,7 +215,7 @@ def build_problem(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tup
     size a target must leave for metadata).
     """
     group_weights = {} if job.ignore_importance else state.values("weights")  # calibrated sensitivities
-    job = replace(job, objective=job.objective or default_objective(group_weights))
+    job = replace(job, objective=job.objective or default_objective(group_weights, state.values("sensitivities")))
     template = write_request(policy.source, policy.base.types(), 0, job.overrides, _provenance_template(job))
     alignment_of = tensor_alignments(template)
     by_name = policy.source.tensors_by_name

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 import statistics
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,23 +38,31 @@ from bpwopt.errors import BpwoptError
 from bpwopt.formats.gguf_writer import TensorSlot, copied_kv, write_gguf
 from bpwopt.formats.imatrix import Imatrix, load_imatrix
 from bpwopt.formats.splits import SPLIT_KEYS, ModelFiles, model_sha256, open_model
+from bpwopt.measure.records import Measurement
 from bpwopt.policy.llama import read_model_info
 from bpwopt.quality.evaluate import evaluate
 from bpwopt.quality.testbed import tensor_seed
 from bpwopt.quality.texts import calibration_text
-from bpwopt.solve.objective import DEFAULT_GROUPING, group_key
+from bpwopt.quant.codec import dequantize, quantize
+from bpwopt.solve.objective import DEFAULT_GROUPING, PROBE_BPW_KEY, group_key, option_errors
 from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
 from bpwopt.state.store import StateFile, TensorRecord, read_identity
 from bpwopt.write.model_writer import output_alignment
 
 DEFAULT_NOISE = 1e-3  # ρ²: relative error injected into each tensor of a group (linear regime, see README)
+PROBES = ("quant", "noise")
+DEFAULT_PROBE = "quant"
+PROBE_BPW = 4.5  # the quant probe: each tensor's measured type nearest this many bits per weight
+PROBE_OBJECTIVE = "per-weight"  # the error a quant probe's sensitivity is KLD per unit of
 # Windows of the calibration text per group and their length (second halves scored): the setting behind the
 # sensitivity rows of benchmarks/RESULTS.md.
 DEFAULT_CHUNKS = 2
 DEFAULT_CTX = 256
 SLAB_ELEMENTS = 4 << 20  # elements summed at a time in float64
 # Settings stored beside the sensitivities: a resumed run reuses only values measured under the same ones.
-_SETTING_KEYS = ("calibration.noise", "calibration.chunks", "calibration.ctx", "calibration.seed")
+_SETTING_KEYS = (
+    "calibration.noise", "calibration.chunks", "calibration.ctx", "calibration.seed", PROBE_BPW_KEY,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -63,10 +71,10 @@ class GroupSensitivity:
 
     key: str  # group key, as bpwopt.solve.objective.group_key writes it
     tensors: tuple[str, ...]
-    summed_relative_error: float  # Σ over the group's tensors of the injected relative error (= n · ρ²)
+    summed_error: float  # Σ over the group's tensors of the injected error (quant: PROBE_OBJECTIVE's; noise: n · ρ²)
     mean_kld: float  # nats per token, against the unperturbed model on the calibration text
     mean_kld_stderr: float
-    sensitivity: float  # mean_kld / summed_relative_error
+    sensitivity: float  # mean_kld / summed_error
     reused: bool  # taken from the state, not measured by this run
 
 
@@ -74,6 +82,7 @@ class GroupSensitivity:
 class CalibrationReport:
     groups: tuple[GroupSensitivity, ...]
     weights: dict[str, float]  # what was written to the state's weights table
+    probe: str  # PROBES
     noise: float
     chunks: int
     ctx: int
@@ -133,15 +142,42 @@ def _tensor_weights(tensor: gguf.ReaderTensor, imatrix: Imatrix | None) -> np.nd
     return imatrix.weights_for(tensor.name, int(tensor.shape[0]), n_expert)
 
 
+# A tensor's perturbed values from its float32 rows (n_expert · rows_per_expert, n_per_row) and its imatrix
+# weights (n_expert, n_per_row) or None.
+Perturbation = Callable[[gguf.ReaderTensor, np.ndarray, "np.ndarray | None"], np.ndarray]
+
+
+def noise_perturbation(noise: float, seed: int) -> Perturbation:
+    """Gaussian noise of relative error `noise` (ρ²), seeded per tensor."""
+
+    def perturb(tensor: gguf.ReaderTensor, values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        rng = np.random.default_rng(tensor_seed(seed, tensor.name))
+        return values + scaled_noise(values, weights, noise, rng)
+
+    return perturb
+
+
+def quant_perturbation(probe_types: Mapping[str, GGMLQuantizationType]) -> Perturbation:
+    """A round trip through each tensor's probe type, with its imatrix weights, as the writer would quantize it."""
+
+    def perturb(tensor: gguf.ReaderTensor, values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
+        qtype = probe_types[tensor.name]
+        experts = values.reshape(expert_count(tensor), -1, values.shape[1])
+        rows = [dequantize(quantize(np.ascontiguousarray(rows), qtype, None if weights is None else weights[e]),
+                           qtype) for e, rows in enumerate(experts)]  # fmt: skip
+        return np.concatenate(rows).reshape(values.shape)
+
+    return perturb
+
+
 def write_perturbed(
     reader: ModelFiles,
     names: Sequence[str],
     out_path: Path,
-    noise: float,
+    perturbation: Perturbation,
     imatrix: Imatrix | None,
-    seed: int = 0,
 ) -> int:
-    """Copy the model to out_path with noise of relative error `noise` added to each tensor in names.
+    """Copy the model to out_path with each tensor in names perturbed.
 
     Perturbed tensors are written as F32 (dequantized first if the source is
     quantized); every other tensor is copied byte for byte. One tensor is held
@@ -168,13 +204,40 @@ def write_perturbed(
             yield raw
             return
         values = np.ascontiguousarray(rows_to_float(raw, GGMLQuantizationType(tensor.tensor_type)), dtype=np.float32)
-        rng = np.random.default_rng(tensor_seed(seed, tensor.name))
-        values += scaled_noise(values, _tensor_weights(tensor, imatrix), noise, rng)
-        yield values
+        yield np.ascontiguousarray(perturbation(tensor, values, _tensor_weights(tensor, imatrix)), dtype=np.float32)
 
     kept = [field for name, field in reader.fields.items() if not name.startswith("GGUF.") and name not in SPLIT_KEYS]
     kv = [copied_kv(field) for field in kept]
     return write_gguf(out_path, kv, slots, produce, alignment=output_alignment(reader))
+
+
+def probe_types(
+    records: Mapping[str, TensorRecord], measurements: Mapping[tuple[str, str], Measurement], bpw: float = PROBE_BPW
+) -> dict[str, GGMLQuantizationType]:
+    """Each measured tensor's probe: its measured type whose bits per weight are nearest bpw (the smaller on a tie).
+
+    A tensor's source type is never its probe (its round trip adds nothing).
+    """
+    options: dict[str, list[tuple[float, float, str]]] = {}
+    for (tensor, qtype), measurement in measurements.items():
+        record = records.get(tensor)
+        if record is None or measurement.nbytes == 0 or qtype == record.source_type:
+            continue
+        bits = 8.0 * measurement.nbytes / record.elements
+        options.setdefault(tensor, []).append((abs(bits - bpw), bits, qtype))
+    return {tensor: GGMLQuantizationType[min(found)[2]] for tensor, found in options.items()}
+
+
+def probe_error(
+    names: Sequence[str],
+    probes: Mapping[str, GGMLQuantizationType],
+    records: Mapping[str, TensorRecord],
+    measurements: Mapping[tuple[str, str], Measurement],
+) -> float:
+    """Σ over the group of the objective's error (PROBE_OBJECTIVE) of each tensor's probe, as the state measured it."""
+    return float(sum(
+        option_errors(PROBE_OBJECTIVE, [measurements[name, probes[name].name]], records[name])[0] for name in names
+    ))  # fmt: skip
 
 
 # --- groups and the calibration run ----------------------------------------------------------------
@@ -220,6 +283,7 @@ def calibrate(
     *,
     imatrix_path: str | Path | None = None,
     grouping: str = DEFAULT_GROUPING,
+    probe: str = DEFAULT_PROBE,
     noise: float = DEFAULT_NOISE,
     chunks: int = DEFAULT_CHUNKS,
     ctx: int = DEFAULT_CTX,
@@ -233,49 +297,60 @@ def calibrate(
 ) -> CalibrationReport:
     """Measure the sensitivity of every group of the state's tensors and store them as the solver's weights.
 
-    model_path: the unquantized GGUF the state was measured for; noise: ρ², the
-    relative error given to each tensor of a group; chunks, ctx: calibration
-    text windows (bpwopt.quality.evaluate); only: calibrate just these group keys;
-    fresh: discard stored sensitivities instead of resuming; work_dir: where
-    the perturbed copies are written (one at a time; default: a temporary
-    directory); cache_dir: the base log-probs cache (default: bpwopt.quality.evaluate's).
-    Raises BpwoptError for a state of another model or imatrix, or an empty state.
+    model_path: the unquantized GGUF the state was measured for; probe: how a
+    group is perturbed (PROBES: `quant`, a round trip through each tensor's type
+    nearest PROBE_BPW, sensitivity per unit of PROBE_OBJECTIVE's error; `noise`,
+    Gaussian noise of relative error `noise` = ρ² per tensor, sensitivity per
+    unit of relative error); chunks, ctx: calibration text windows
+    (bpwopt.quality.evaluate); only: calibrate just these group keys; fresh:
+    discard stored sensitivities instead of resuming; work_dir: where the
+    perturbed copies are written (one at a time; default: a temporary
+    directory); cache_dir: the base log-probs cache (default:
+    bpwopt.quality.evaluate's). Raises BpwoptError for a state of another model
+    or imatrix, or an empty state.
     """
-    if not noise > 0:
+    if probe not in PROBES:
+        raise BpwoptError(f"unknown probe {probe!r}; valid: {', '.join(PROBES)}")
+    if probe == "noise" and not noise > 0:
         raise BpwoptError(f"--noise must be positive, got {noise}")
     model_path, state_path = Path(model_path), Path(state_path)
     imatrix = load_imatrix(imatrix_path) if imatrix_path is not None else None
     reader = open_model(model_path)
     n_layer = read_model_info(reader).n_layer_all
     text = calibration_text()
-    settings = dict(zip(_SETTING_KEYS, (noise, float(chunks), float(ctx), float(seed)), strict=True))
+    probe_bpw = PROBE_BPW if probe == "quant" else 0.0
+    setting_values = (noise if probe == "noise" else 0.0, float(chunks), float(ctx), float(seed), probe_bpw)
+    settings = dict(zip(_SETTING_KEYS, setting_values, strict=True))
     with _open_state(state_path, model_path, imatrix) as state:
-        records = list(state.tensors().values())
+        records = state.tensors()
         if not records:
             raise BpwoptError(f"{state_path} holds no measured tensors yet; measure the model first")
-        groups = tensor_groups(records, n_layer, grouping)
+        measurements = state.measurements()
+        probes = probe_types(records, measurements)
+        groups = tensor_groups([r for r in records.values() if probe == "noise" or r.name in probes], n_layer, grouping)
         unknown = set(only or ()) - set(groups)
         if unknown:
             raise BpwoptError(f"no group {sorted(unknown)[0]}; groups: {', '.join(groups)}")
         stored = {} if fresh else state.values("sensitivities")
         if any(stored.get(key) != value for key, value in settings.items()):
             stored = {}  # measured under other settings: start over
+        perturbation = quant_perturbation(probes) if probe == "quant" else noise_perturbation(noise, seed)
         results = []
         todo = [key for key in groups if only is None or key in only]
         with tempfile.TemporaryDirectory(prefix="bpwopt-calibrate-", dir=work_dir) as directory:
             perturbed_path = Path(directory) / "perturbed.gguf"
             for key in tqdm(todo, desc="calibrating", unit="group", disable=not progress):
                 names = groups[key]
-                summed = noise * len(names)
+                summed = probe_error(names, probes, records, measurements) if probe == "quant" else noise * len(names)
                 if key in stored:
                     results.append(GroupSensitivity(key, names, summed, stored[key] * summed, 0.0, stored[key], True))
                     continue
-                write_perturbed(reader, names, perturbed_path, noise, imatrix, seed)
+                write_perturbed(reader, names, perturbed_path, perturbation, imatrix)
                 result = evaluate(
                     model_path, perturbed_path, text, ctx=ctx, chunks=chunks, cache_dir=cache_dir, threads=threads,
                     progress=False,
                 )  # fmt: skip
-                sensitivity = result.mean_kld / summed
+                sensitivity = result.mean_kld / summed if summed > 0 else 0.0
                 results.append(
                     GroupSensitivity(key, names, summed, result.mean_kld, result.mean_kld_stderr, sensitivity, False)
                 )
@@ -285,16 +360,16 @@ def calibrate(
         all_stored = {k: v for k, v in stored.items() if k not in settings and k in groups} | measured
         weights = solver_weights(all_stored, list(groups))
         state.set_values("weights", weights)
-    return CalibrationReport(tuple(results), weights, noise, chunks, ctx)
+    return CalibrationReport(tuple(results), weights, probe, noise, chunks, ctx)
 
 
 def format_report(report: CalibrationReport) -> str:
     """One line per group, most sensitive first."""
-    lines = [f"{'group':<24} {'tensors':>7} {'Σ rel. error':>12} {'KLD':>10} {'±':>9} {'sensitivity':>11}"]
+    lines = [f"{'group':<24} {'tensors':>7} {'Σ error':>12} {'KLD':>10} {'±':>9} {'sensitivity':>11}"]
     for group in sorted(report.groups, key=lambda g: -g.sensitivity):
         stderr = "reused" if group.reused else f"{group.mean_kld_stderr:.2e}"
         lines.append(
-            f"{group.key:<24} {len(group.tensors):>7} {group.summed_relative_error:>12.3g} "
+            f"{group.key:<24} {len(group.tensors):>7} {group.summed_error:>12.3g} "
             f"{group.mean_kld:>10.3e} {stderr:>9} {group.sensitivity:>11.4g}"
         )
     return "\n".join(lines)

@@ -341,13 +341,14 @@ def read_plot_data(
         plans = state.plans()
         evaluations = state.evaluations()
         group_weights = state.values("weights")
+        calibration = state.values("sensitivities")
         weights = tensor_weights(tensors, group_weights, state.values("tuned"))
     if model_path is not None:
         _check_model(Path(model_path), identity.model_sha256, state_path)
     chosen = _chosen_plan(plans, plan_id, state_path)
     if objective is None:
         objective = chosen[1].objective if chosen is not None and chosen[1].objective in OBJECTIVES else None
-    objective = get_objective(objective or default_objective(group_weights)).name
+    objective = get_objective(objective or default_objective(group_weights, calibration)).name
     weighted = identity.imatrix_sha256 is not None
     curves = tensor_curves(tensors, measurements, identity.model_name, weighted)
     chosen_id = chosen[0] if chosen is not None else None

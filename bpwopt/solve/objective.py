@@ -205,6 +205,16 @@ def tensor_weights(
     return {name: group_weight(r, weights) * tuned_factor(r, tuning, n_layer) for name, r in records.items()}
 
 
-def default_objective(weights: Mapping[str, float]) -> str:
-    """The objective when none is asked for: `relative` once calibrated group weights exist, else `per-weight`."""
-    return "relative" if weights else DEFAULT_OBJECTIVE
+PROBE_BPW_KEY = "calibration.probe_bpw"  # in the sensitivities table: > 0 when calibrated by quantization probes
+
+
+def default_objective(weights: Mapping[str, float], calibration: Mapping[str, float]) -> str:
+    """The objective when none is asked for: the one the stored group weights were calibrated against.
+
+    calibration: the state's sensitivities table. Quantization probes
+    (`bpwopt calibrate`'s default) are KLD per unit of `per-weight` error, noise
+    probes per unit of `relative` error; without weights, `per-weight`.
+    """
+    if weights and calibration.get(PROBE_BPW_KEY, 0.0) <= 0:
+        return "relative"
+    return DEFAULT_OBJECTIVE
