@@ -12,6 +12,9 @@ Methods:
   per-weight   relative times the tensor's number of weights, stored weights ignored (the flow without calibrate)
   calibrated   the default flow after `bpwopt calibrate` (--probe, --groups): the state's default objective
                weighted by the sensitivities it measured on the calibration text
+  checked      calibrated, then the KLD check (`--check`, on after calibrate): that plan if it beats the largest
+               preset that fits by two paired standard errors on the calibration text, else the preset (the row
+               says which was kept)
   sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate --probe noise`)
   tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
                calibration text) at held-out budgets: bpw midway between the two smallest and between
@@ -35,10 +38,12 @@ from dataclasses import replace
 from pathlib import Path
 
 from bpwopt.demo import gemma3_path, smollm2_path
+from bpwopt.formats.gguf_reader import open_gguf
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
 from bpwopt.quality.calibrate import DEFAULT_NOISE, DEFAULT_PROBE, PROBES, calibrate
 from bpwopt.quality.evaluate import evaluate
+from bpwopt.quality.guarantee import checked_optimize, format_check
 from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.quality.tune import tune
@@ -51,8 +56,8 @@ MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/ma
     "gemma3": (gemma3_path, REPO / "data" / "gemma3-270m-offgrid-f16.imatrix.gguf"),
 }
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
-METHODS = ["wsse", "relative", "per-weight", "calibrated", "sensitivity", "tuned"]
-DEFAULT_METHODS = ["per-weight", "calibrated"]
+METHODS = ["wsse", "relative", "per-weight", "calibrated", "checked", "sensitivity", "tuned"]
+DEFAULT_METHODS = ["per-weight", "calibrated", "checked"]
 HEADER = (
     "| preset | imatrix | method | file bytes | bpw | mean KLD | ± | p99 KLD | same top | PPL | KLD / preset |\n"
     "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |\n"
@@ -102,7 +107,7 @@ def main() -> None:
     optimize_file(replace(solve, dry_run=True, ignore_importance=True))  # measures what the state lacks
     calibrated = {}  # method -> the state it solves from, calibrated as that method needs
     for method, probe, groups in (("calibrated", args.probe, args.groups), ("sensitivity", "noise", DEFAULT_GROUPING)):
-        if method in args.methods or (method == "sensitivity" and "tuned" in args.methods):
+        if method in args.methods or {method: "checked", "sensitivity": "tuned"}[method] in args.methods:
             calibrated[method] = work / f"{args.model}-{label}-{probe}-{groups}.bpw_state"
             if not calibrated[method].exists():
                 shutil.copyfile(measured, calibrated[method])
@@ -120,19 +125,26 @@ def main() -> None:
             if key in done:
                 reference.setdefault(name, done[key])
                 continue
-            path, file_bytes, bpw = preset_path, preset_bytes, preset_bpw
+            path, file_bytes, bpw, kept = preset_path, preset_bytes, preset_bpw, method
             if method != "preset":  # every method at the preset's size
                 out = work / f"{name}-{label}-{method}.gguf"
                 job = method_job(solve, method, presets, args, out, preset_bytes)
-                if method == "calibrated":
-                    job = replace(job, state_path=calibrated[method], objective=None)  # the default flow
-                plan = optimize_file(job)
-                path, file_bytes, bpw = out, plan.file_bytes, plan.bits_per_weight
+                if method in ("calibrated", "checked"):  # the default flow after calibrate
+                    job = replace(job, state_path=calibrated["calibrated"], objective=None)
+                if method == "checked":
+                    started = time.perf_counter()
+                    check = checked_optimize(replace(job, record_plan=False), threads=args.threads)
+                    kept = f"checked: kept {check.chosen.split(' ')[0]}"
+                    print(f"{format_check(check)}\ncheck: {time.perf_counter() - started:.1f} s", flush=True)
+                else:
+                    optimize_file(job)
+                    kept = method
+                path, file_bytes, bpw = out, out.stat().st_size, file_bits_per_weight(out)
             result = evaluate(base, path, text, chunks=args.chunks, threads=args.threads, progress=False)
             reference.setdefault(name, result.mean_kld)
             with args.out.open("a") as table:
                 table.write(
-                    f"| {name} | {args.imatrix} | {method} | {file_bytes:,} | {bpw:.4f} | {result.mean_kld:.5f} | "
+                    f"| {name} | {args.imatrix} | {kept} | {file_bytes:,} | {bpw:.4f} | {result.mean_kld:.5f} | "
                     f"{result.mean_kld_stderr:.5f} | {result.p99_kld:.4f} | {result.same_top_rate:.4f} | "
                     f"{result.ppl_quant:.3f} | {result.mean_kld / reference[name]:.2f} |\n"
                 )
@@ -142,7 +154,13 @@ def main() -> None:
 def measured_rows(table: Path) -> dict[tuple[str, str, str], float]:
     """(preset, imatrix, method) -> mean KLD of the rows already in the table."""
     rows = [line.split("|")[1:-1] for line in table.read_text().splitlines()[2:] if line.startswith("|")]
-    return {(r[0].strip(), r[1].strip(), r[2].strip()): float(r[5]) for r in rows}
+    return {(r[0].strip(), r[1].strip(), r[2].split(":")[0].strip()): float(r[5]) for r in rows}
+
+
+def file_bits_per_weight(path: Path) -> float:
+    """8 × tensor bytes / weights of a written GGUF, as llama.cpp counts bpw."""
+    tensors = open_gguf(path).tensors
+    return 8.0 * sum(int(t.n_bytes) for t in tensors) / sum(int(t.n_elements) for t in tensors)
 
 
 def quantize_preset(base: Path, name: str, imatrix: Path | None, out: Path) -> tuple[Path, int, float]:
@@ -157,7 +175,7 @@ def method_job(
     job = replace(solve, output_path=out, target=Target(file_bytes=file_bytes), objective="relative")
     if method in ("wsse", "relative", "per-weight"):
         return replace(job, objective=method, ignore_importance=True)
-    if method in ("sensitivity", "calibrated"):
+    if method in ("sensitivity", "calibrated", "checked"):
         return replace(job, tuning={})
     report = tune(solve, held_out_budgets(presets), trials=args.trials, threads=args.threads, progress=False)
     return replace(job, tuning=report.chosen.tuning)

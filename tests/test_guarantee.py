@@ -1,4 +1,4 @@
-"""The KLD check: the file left at the output is the lower-KLD one of bpwopt's plan and the fitting preset."""
+"""The KLD check: the output is bpwopt's plan only if it beats the fitting preset's KLD significantly."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from gguf import GGMLQuantizationType as Q
 
 from bpwopt.cli.main import main
 from bpwopt.quality.evaluate import evaluate
-from bpwopt.quality.guarantee import DEFAULT_CHUNKS, DEFAULT_CTX
+from bpwopt.quality.guarantee import DEFAULT_CHUNKS, DEFAULT_CTX, SIGNIFICANCE
 from bpwopt.quality.texts import calibration_text
 from tests.synthetic_models import write_tiny_llama
 
@@ -29,7 +29,7 @@ def run_json(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_after_calibrate_the_output_is_the_lower_kld_of_plan_and_preset(model, tmp_path, capsys):
+def test_after_calibrate_the_output_is_the_plan_only_if_it_beats_the_preset_significantly(model, tmp_path, capsys):
     preset = tmp_path / "q4_k_m.gguf"
     assert main(["--quiet", str(model), str(preset), "Q4_K_M"]) == 0
     state = tmp_path / "s.bpw_state"
@@ -42,8 +42,12 @@ def test_after_calibrate_the_output_is_the_lower_kld_of_plan_and_preset(model, t
 
     labels = [c["label"] for c in summary["check"]["candidates"]]
     assert len(labels) == 2 and labels[1] in ("Q4_K", "Q4_K_M")  # the largest preset at or below the target (alias)
-    best = min(summary["check"]["candidates"], key=lambda c: c["mean_kld"])
-    assert summary["check"]["kept"] == best["label"]
+    check = summary["check"]
+    plan, preset_result = check["candidates"]
+    assert check["difference"] == pytest.approx(preset_result["mean_kld"] - plan["mean_kld"], rel=1e-6)
+    assert check["difference_stderr"] > 0
+    best = plan if check["difference"] > SIGNIFICANCE * check["difference_stderr"] else preset_result
+    assert check["kept"] == best["label"]
     kept = evaluate(model, out, calibration_text(), ctx=DEFAULT_CTX, chunks=DEFAULT_CHUNKS, progress=False)
     assert kept.mean_kld == pytest.approx(best["mean_kld"], rel=1e-9)  # the file at OUT is the one that won
     assert out.stat().st_size == best["file_bytes"] <= int(size)

@@ -199,7 +199,7 @@ def build_quantize_parser() -> argparse.ArgumentParser:
             "  inspect    tensors, types, bytes and bits per weight of any GGUF\n"
             "  eval       KL divergence, top-token agreement and perplexity of a quantized model against its base\n"
             "  plot       plots of a state file: trade-off, a plan's bits per layer, per-tensor errors\n"
-            "  calibrate  measure per-group sensitivities by noise injection; later solves use them\n"
+            "  calibrate  per-group sensitivities (KLD on the calibration text); later solves and --check use them\n"
             "  tune       fit the objective's per-class and depth factors to measured KLD"
         ),
         epilog="TYPE (name or number):\n" + format_presets_help(),
@@ -429,7 +429,10 @@ def _optimize(job: OptimizeJob, args: argparse.Namespace) -> None:
     if args.json:
         summary = report_as_dict(report)
         if checked is not None:
-            summary["check"] = {"kept": checked.chosen, "candidates": [vars(c) for c in checked.candidates]}
+            summary["check"] = {
+                "kept": checked.chosen, "candidates": [vars(c) for c in checked.candidates],
+                "difference": checked.difference, "difference_stderr": checked.difference_stderr,
+            }  # fmt: skip
         print(json.dumps(summary, indent=2))
         return
     print(format_plan(report, per_tensor=job.dry_run), file=sys.stdout if job.dry_run else sys.stderr)
@@ -485,10 +488,11 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(run=_plot)
     calibration = commands.add_parser(
         "calibrate",
-        help="measure per-group sensitivities (KLD per unit of relative error) by noise injection; solves use them",
-        description="For each group of tensors, add Gaussian noise of relative error NOISE to each of its tensors, "
+        help="measure per-group sensitivities (KLD per unit of the solver's error, calibration text); solves use them",
+        description="For each group of tensors, quantize each of its tensors to its measured type nearest "
+        f"{PROBE_BPW:g} bpw (--probe quant; or add Gaussian noise of relative error NOISE, --probe noise), "
         "measure the KL divergence against the unperturbed model on the calibration text (never the evaluation "
-        "text), and store KLD / summed relative error in the state's sensitivities and weights tables. Later "
+        "text), and store KLD / summed error in the state's sensitivities and weights tables. Later "
         "solves with --state-file weigh each tensor's relative error by its group's value unless "
         "--ignore-tensor-importance. Resumes a killed run (values are stored as they land).",
     )

@@ -1,17 +1,24 @@
-"""Sensitivities: how much KL divergence a unit of relative error in each group of tensors costs.
+"""Sensitivities: how much KL divergence a unit of the solver's error in each group of tensors costs.
 
-The solver's `relative` objective adds up, per tensor, the noise-to-signal
-ratio Σ w(x−x̂)² / Σ w x² that quantization gives it; tensors are not equally
-important, so that sum predicts KLD badly. `bpwopt calibrate` measures the
-missing factor by noise injection (the linearity idea of HIGGS, Malinovskii et
-al. 2024): for each group of tensors (tensor class × third of the layers by
-default) it writes a copy of the model in which every tensor of the group gets
-Gaussian noise of relative error exactly ρ² (same definition and imatrix
-weights as the objective), measures the KLD that copy has against the
-unperturbed model on the calibration text (never the evaluation text) through
-llama.cpp, and divides: sensitivity = KLD / Σ_group ρ², in nats per unit of
-summed relative error. For small ρ² KLD is linear in the injected error, so
-Σ_t sensitivity_t · relative_error_t predicts a quantization's KLD.
+The solver adds up, per tensor, an error measured on the weights alone;
+tensors are not equally important, so that sum predicts KLD badly.
+`bpwopt calibrate` measures the missing factor on the model's own output: for
+each group of tensors (tensor class × third of the layers by default) it
+writes a copy of the model in which every tensor of the group is perturbed,
+measures the KLD that copy has against the unperturbed model on the
+calibration text (never the evaluation text) through llama.cpp, and divides
+by the group's summed error: sensitivity = KLD / Σ_group error.
+
+Two probes. `quant` (the default) is ExLlamaV3's measurement: each tensor goes
+through its measured type nearest PROBE_BPW, exactly as the writer would
+quantize it, and the error is the one the state measured for that type under
+PROBE_OBJECTIVE, so the weight is calibrated against the very error the solver
+minimizes, with quantization's own error shape (noise spreads its error evenly
+over the columns; quantization with an imatrix does not). `noise` adds
+Gaussian noise of relative error exactly ρ² to each tensor (the linearity idea
+of HIGGS, Malinovskii et al. 2024), per unit of `relative` error. For small
+errors KLD is linear in the injected error, so Σ_t sensitivity_t · error_t
+predicts a quantization's KLD.
 
 Each group's value is stored in the state's `sensitivities` table as soon as
 it is measured (a killed run resumes), and the whole set is written to the

@@ -19,8 +19,6 @@ import importlib.util
 import math
 from dataclasses import dataclass, replace
 
-import numpy as np
-
 from bpwopt.errors import BpwoptError
 from bpwopt.jobs.optimize import OptimizeJob, OptimizeReport, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
@@ -32,6 +30,7 @@ from bpwopt.state.store import StateFile, read_identity
 DEFAULT_CHUNKS = 4  # windows of the calibration text per candidate
 DEFAULT_CTX = 512
 CHECK_MODES = ("auto", "on", "off")
+SIGNIFICANCE = 2.0  # the plan is kept only if it beats the preset by this many paired standard errors
 
 
 @dataclass(frozen=True)
@@ -88,7 +87,7 @@ def _fits(job: OptimizeJob, file_bytes: int | None, data_bytes: int, elements: i
 def checked_optimize(
     job: OptimizeJob, *, chunks: int = DEFAULT_CHUNKS, ctx: int = DEFAULT_CTX, threads: int | None = None
 ) -> CheckReport:
-    """optimize_file(job), then keep whichever of its plan and the fitting preset has the lower measured KLD.
+    """optimize_file(job); keep its plan if it beats the fitting preset's measured KLD significantly, else the preset.
 
     job must write one file (no dry run, no --keep-split). Raises BpwoptError as optimize_file does.
     """
@@ -113,21 +112,26 @@ def checked_optimize(
             evaluate(job.input_path, path, text, ctx=ctx, chunks=chunks, threads=threads, progress=False)
             for _, path, _ in candidates
         ]
-        best = int(np.argmin([r.mean_kld for r in results]))
+        difference, stderr = paired_difference(results)
+        best = 1 if len(results) == 2 and not difference > SIGNIFICANCE * stderr else 0
         candidates[best][1].replace(final)  # both temporaries sit beside the output: an atomic rename
     finally:
         for path in (plan_path, preset_path):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-    difference, stderr = math.nan, math.nan
-    if len(results) == 2:
-        paired = results[1].kld_per_token - results[0].kld_per_token
-        difference, stderr = float(paired.mean()), float(paired.std(ddof=1) / math.sqrt(paired.size))
     kept = tuple(
         Candidate(label, size, r.mean_kld, r.mean_kld_stderr)
         for (label, _, size), r in zip(candidates, results, strict=True)
     )
     return CheckReport(replace(plan, output_path=final), kept, kept[best].label, difference, stderr)
+
+
+def paired_difference(results: list[EvalResult]) -> tuple[float, float]:
+    """(mean of preset − plan KLD per token, its standard error); NaN for a lone plan."""
+    if len(results) < 2:
+        return math.nan, math.nan
+    paired = results[1].kld_per_token - results[0].kld_per_token
+    return float(paired.mean()), float(paired.std(ddof=1) / math.sqrt(paired.size))
 
 
 def format_check(report: CheckReport) -> str:
@@ -139,5 +143,6 @@ def format_check(report: CheckReport) -> str:
     if len(report.candidates) == 1:
         lines.append("no llama.cpp preset fits this budget; kept bpwopt's plan")
     else:
-        lines.append(f"kept {report.chosen} (preset − plan: {report.difference:+.5f} ± {report.difference_stderr:.5f})")
+        lines.append(f"kept {report.chosen} (preset − plan: {report.difference:+.5f} ± {report.difference_stderr:.5f}; "
+                     f"the plan must lead by {SIGNIFICANCE:g} standard errors)")
     return "\n".join(lines)
