@@ -339,7 +339,8 @@ def calibrate(
         if unknown:
             raise BpwoptError(f"no group {sorted(unknown)[0]}; groups: {', '.join(groups)}")
         stored = {} if fresh else state.values("sensitivities")
-        if any(stored.get(key) != value for key, value in settings.items()):
+        before_probes = {PROBE_BPW_KEY: 0.0}  # values stored before quantization probes existed were noise probes
+        if any(stored.get(key, before_probes.get(key)) != value for key, value in settings.items()):
             stored = {}  # measured under other settings: start over
         perturbation = quant_perturbation(probes) if probe == "quant" else noise_perturbation(noise, seed)
         results = []
