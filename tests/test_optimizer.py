@@ -96,6 +96,18 @@ def test_resolving_from_the_state_measures_nothing(demo_model_path, measured_sta
     assert report.measured == 0 and report.reused > 1000 and report.gap < 1e-4
 
 
+def test_presets_compared_are_the_nearest_to_the_budget_not_to_where_the_plan_landed(demo_model_path, measured_state):
+    first = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=5.5), compare_presets=True))
+    above = max(first.comparisons, key=lambda c: c.bits_per_weight)
+    assert above.bits_per_weight > 5.5
+    # a budget of exactly that preset's size: the plan lands a little under it, the preset still fits it
+    target = above.bits_per_weight + 1e-9
+    report = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=target), compare_presets=True))
+    fitting = [c for c in report.comparisons if c.bits_per_weight <= target]
+    assert max(fitting, key=lambda c: c.bits_per_weight).name == above.name
+    assert len(fitting) == 2 and len(report.comparisons) == 3
+
+
 def test_plan_beats_the_preset_at_the_same_size(demo_model_path, measured_state):
     target = Target(bits_per_weight=5.5)
     report = optimize_file(job(demo_model_path, measured_state, target, type_text="Q4_K_M", compare_presets=True))

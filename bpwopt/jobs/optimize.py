@@ -154,7 +154,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     with _open_state(job, identity) as state:
         measured, reused = _measure(policy, state, job)
         job, problem, template = build_problem(policy, state, job)
-        solution, reachable = _solve_for_target(policy, problem, template, job)
+        solution, reachable, budget = _solve_for_target(policy, problem, template, job)
         types = problem.types(solution.choice)
         request = write_request(policy.source, types, _file_type(policy.base, types, job), job.overrides,
                                 _provenance(job, identity, solution), job.progress)  # fmt: skip
@@ -164,7 +164,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         check_plan_writable(_final_plan(policy.base, types), policy.source.options)
         tensors = _chosen_tensors(problem, solution.choice, policy.source)
         data_bytes = sum(t.data_bytes for t in tensors)
-        comparisons = _comparisons(policy, problem, job, problem.cost(solution.choice)) if job.compare_presets else ()
+        comparisons = _comparisons(policy, problem, job, budget) if job.compare_presets else ()
         written_paths = _write(policy.source, request, output_path, file_bytes) if not job.dry_run else []
         if (job.save_state or job.state_path) and job.record_plan:
             _record_plan(state, job, types, solution, data_bytes, file_bytes, problem.elements)
@@ -244,12 +244,12 @@ def build_problem(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tup
 
 def _solve_for_target(
     policy: PolicyPlan, problem: Problem, template: WriteRequest, job: OptimizeJob
-) -> tuple[Solution, tuple[int, int]]:
-    """The solver's plan for the job's target, and the reachable range (smallest, least-error) in its units."""
+) -> tuple[Solution, tuple[int, int], int]:
+    """The solver's plan for the target, the reachable range (smallest, least-error) and the budget, in its units."""
     reachable = tuple(c + problem.fixed_cost for c in useful_range(problem.options))
     header = _header_bytes(policy.source, policy.base, template) if job.target.counts_whole_file else 0
     budget = _budget(job.target, problem, header, reachable)
-    return solve(problem.options, budget, time_limit=job.time_limit), reachable
+    return solve(problem.options, budget, time_limit=job.time_limit), reachable, budget
 
 
 def _write(source: SourceModel, request: WriteRequest, output_path: Path, file_bytes: int) -> list[Path]:
@@ -470,9 +470,14 @@ def _chosen_tensors(problem: Problem, choice: np.ndarray, source: SourceModel) -
 
 
 def _comparisons(
-    policy: PolicyPlan, problem: Problem, job: OptimizeJob, plan_cost: int
+    policy: PolicyPlan, problem: Problem, job: OptimizeJob, budget: int
 ) -> tuple[PresetComparison, ...]:
-    """The recipe (with a TYPE) or the presets nearest the plan's size, each against bpwopt at its size.
+    """The recipe (with a TYPE) or the presets nearest the budget, each against bpwopt at its size.
+
+    Nearest the budget, not the plan's size: a plan can land well under its
+    budget (Gemma-3-270M's plans stop 21 MB short of a Q5_K_M-sized budget
+    when the only upgrade left is the 168M-weight embedding's next type), and
+    the preset a user would otherwise take is the largest that fits the budget.
 
     Only presets whose types were all measured can be compared; the default
     candidates cover every K-quant and legacy preset bpwopt can write. Each
@@ -491,7 +496,7 @@ def _comparisons(
                                               check_writable=False).types())  # fmt: skip
         if choice is not None:
             choices[preset.name] = choice
-    smaller = [name for name, choice in choices.items() if problem.cost(choice) <= plan_cost]
+    smaller = [name for name, choice in choices.items() if problem.cost(choice) <= budget]
     larger = [name for name in choices if name not in smaller]
     nearest = sorted(smaller, key=lambda n: -problem.cost(choices[n]))[:2]
     nearest += sorted(larger, key=lambda n: problem.cost(choices[n]))[:1]

@@ -7,9 +7,9 @@ runtime and the calibration text, which `bpwopt calibrate` has already used —
 the optimizer writes its plan and the largest llama.cpp preset that fits the
 same budget, both to temporaries beside the output, measures each one's KL
 divergence against the input model on the calibration text (never the
-evaluation text), and renames the one with the lower KLD onto the output. The
-other temporary is removed. The two KLDs are paired per token, so their
-difference is read with its own standard error in the report.
+evaluation text), and renames the plan onto the output only if its KLD is
+lower by more than SIGNIFICANCE paired standard errors, else the preset. The
+other temporary is removed.
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ def wants_check(mode: str, job: OptimizeJob) -> bool:
 def presets_to_try(job: OptimizeJob, plan: OptimizeReport) -> list[str]:
     """The presets the plan was compared with, largest first: the recipe alone when the user gave a TYPE.
 
-    The comparisons hold the two presets below the plan's size and the one above it; the one above may still
-    fit the budget (the plan can land a little under it), so fit is decided on the written file.
+    The comparisons hold the two presets at or below the budget and the one above it; fit is decided on the
+    written file (the comparison's size leaves out the header).
     """
     names = [c.name for c in sorted(plan.comparisons, key=lambda c: -c.data_bytes)]
     if job.type_text:
