@@ -162,7 +162,7 @@ def test_quant_probe_perturbs_each_tensor_by_the_error_the_state_measured_for_it
     assert probes["token_embd.weight"] == Q.Q4_0
     names = ["blk.0.attn_v.weight", "blk.3.ffn_down.weight"]
     reader = open_gguf(demo_model_path)
-    write_perturbed(reader, names, tmp_path / "p.gguf", quant_perturbation(probes), None)
+    write_perturbed(reader, names, tmp_path / "p.gguf", quant_perturbation(probes, "ggml"), None)
     written = {t.name: t for t in open_gguf(tmp_path / "p.gguf").tensors}
     for tensor in reader.tensors:
         if tensor.name not in names:

@@ -190,13 +190,13 @@ def test_a_registered_backend_computes_the_errors(demo_model_path, monkeypatch):
     calls = []
 
     class Counting:
-        def row_errors(self, rows, qtype, weights):
-            calls.append(qtype.name)
+        def row_errors(self, rows, qtype, weights, rounding):
+            calls.append((qtype.name, rounding))
             return np.full(rows.shape[0], 2.0), np.full(rows.shape[0], 1.0)
 
     monkeypatch.setitem(backends.BACKENDS, "counting", Counting())
     task = _task(demo_model_path, "blk.0.ffn_down.weight", ("Q4_0", "Q8_0"), backend="counting")
     result = measure_tensor(task)
-    assert calls == ["Q4_0", "Q8_0"]
+    assert calls == [("Q4_0", "ggml"), ("Q8_0", "ggml")]
     # 2 per measured row, scaled up to the tensor's 576 rows by the stratified estimate
     assert [m.value("weighted_sse") for m in result.measurements] == pytest.approx([2.0 * 576] * 2)

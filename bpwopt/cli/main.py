@@ -50,7 +50,7 @@ from bpwopt.quality.tune import DEFAULT_CHUNKS as TUNE_CHUNKS
 from bpwopt.quality.tune import DEFAULT_CTX as TUNE_CTX
 from bpwopt.quality.tune import DEFAULT_TRIALS, tune
 from bpwopt.quality.tune import format_report as format_tune_report
-from bpwopt.quant.types import QUANT_TYPES
+from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, ROUNDINGS
 from bpwopt.solve.objective import DEFAULT_GROUPING, DEFAULT_OBJECTIVE, GROUPINGS, OBJECTIVES
 from bpwopt.solve.targets import Target, parse_size
 from bpwopt.source.summary import format_summary, inspect_gguf, summary_as_dict
@@ -62,6 +62,10 @@ OBJECTIVE_HELP = (
 SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
 DEBUG_VARIABLE = "BPWOPT_DEBUG"
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of bpwopt's, not the user's
+ROUNDING_HELP = (
+    "ggml (default): the bytes llama-quantize writes; best: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL blocks with "
+    "the least imatrix-weighted error the format allows (same format, any llama.cpp loads it), other types as ggml"
+)
 _DEBUG_HELP = f"show the full traceback of an internal error (also {DEBUG_VARIABLE}=1)"
 _DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
 _TARGET_HELP = (
@@ -138,7 +142,7 @@ def _tune(args: argparse.Namespace) -> None:
         input_path=args.model, output_path=None, target=budgets[0],
         options=QuantizeOptions(allow_requantize=args.allow_requantize), imatrix_path=args.imatrix,
         candidates=parse_candidates(args.candidates), sampling=Sampling(max_rows=args.sample_rows),
-        state_path=args.state_file, objective=args.objective, progress=not args.quiet,
+        rounding=args.rounding, state_path=args.state_file, objective=args.objective, progress=not args.quiet,
     )  # fmt: skip
     _set_threads(args.threads)
     report = tune(
@@ -226,6 +230,7 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--override-kv", metavar="KEY=TYPE:VALUE", action="append", default=[], help="override metadata")
     add("--prune-layers", metavar="L0,L1,...", help="remove these layers; later ones are renumbered")
     add("--keep-split", action="store_true", help="write the output in the same shards as the input")
+    add("--rounding", choices=ROUNDINGS, default=DEFAULT_ROUNDING, help=ROUNDING_HELP)
     add("--dry-run", action="store_true", help="print the sizes (with a target: the plan), write nothing")
     add(
         "--check", choices=CHECK_MODES, default="auto",
@@ -367,6 +372,7 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
         "options": _options_from_args(args),
         "imatrix_path": args.imatrix,
         "overrides": dict(parse_override_kv(text) for text in args.override_kv),
+        "rounding": args.rounding,
         "dry_run": args.dry_run,
         "progress": not args.quiet and not args.json,
     }
@@ -542,6 +548,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--candidates", metavar="T1,T2,...", help="as measured into the state (default: bpwopt's)")
     tuning.add_argument("--sample-rows", type=int, default=Sampling.max_rows, metavar="N",
                         help="as measured into the state")  # fmt: skip
+    tuning.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULT_ROUNDING, help="as measured into the state")
     _add_run_options(tuning)
     tuning.set_defaults(run=_tune)
     for command in commands.choices.values():

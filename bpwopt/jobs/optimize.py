@@ -46,6 +46,7 @@ from bpwopt.measure.measure import (
 from bpwopt.measure.records import STATISTICS
 from bpwopt.policy.llama import QuantizeOptions, TensorPlan, TypePlan, check_plan_writable, is_quantized, plan_types
 from bpwopt.policy.presets import PRESETS, Preset, parse_type_argument
+from bpwopt.quant.types import DEFAULT_ROUNDING
 from bpwopt.solve.objective import default_objective, tensor_weights
 from bpwopt.solve.problem import Problem, useful_range
 from bpwopt.solve.problem import build_problem as assemble_problem
@@ -71,6 +72,7 @@ class OptimizeJob:
     options: QuantizeOptions = field(default_factory=QuantizeOptions)
     imatrix_path: Path | None = None
     overrides: dict[str, KeyValue] = field(default_factory=dict)
+    rounding: str = DEFAULT_ROUNDING  # --rounding: the quantizers measured and written (part of the state's identity)
     candidates: tuple[GGMLQuantizationType, ...] = DEFAULT_CANDIDATES
     sampling: Sampling = field(default_factory=Sampling)
     state_path: Path | None = None  # --state-file
@@ -157,7 +159,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         solution, reachable, budget = _solve_for_target(policy, problem, template, job)
         types = problem.types(solution.choice)
         request = write_request(policy.source, types, _file_type(policy.base, types, job), job.overrides,
-                                _provenance(job, identity, solution), job.progress)  # fmt: skip
+                                _provenance(job, identity, solution), job.progress, job.rounding)  # fmt: skip
         file_bytes = planned_file_bytes(request)
         if job.target.file_bytes is not None and file_bytes > job.target.file_bytes:
             raise BpwoptError(f"internal error: plan of {file_bytes} bytes exceeds the target {job.target.file_bytes}")
@@ -216,7 +218,9 @@ def build_problem(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tup
     """
     group_weights = {} if job.ignore_importance else state.values("weights")  # calibrated sensitivities
     job = replace(job, objective=job.objective or default_objective(group_weights, state.values("sensitivities")))
-    template = write_request(policy.source, policy.base.types(), 0, job.overrides, _provenance_template(job))
+    template = write_request(
+        policy.source, policy.base.types(), 0, job.overrides, _provenance_template(job), rounding=job.rounding
+    )
     alignment_of = tensor_alignments(template)
     by_name = policy.source.tensors_by_name
     records = state.tensors()
@@ -310,6 +314,7 @@ def _identity(source: SourceModel, job: OptimizeJob) -> StateIdentity:
         imatrix_sha256=source.imatrix.sha256 if source.imatrix is not None else None,
         candidates=tuple(t.name for t in job.candidates),
         sampling=job.sampling.describe(),
+        rounding=job.rounding,
     )
 
 
@@ -357,6 +362,7 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
                 sampling=job.sampling,
                 needs_record=needs_record,
                 elements=int(tensor.n_elements),
+                rounding=job.rounding,
             )
 
     measured = sum(len(missing) for _, missing, _ in pending)

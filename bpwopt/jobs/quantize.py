@@ -33,7 +33,7 @@ from bpwopt.policy.llama import (
     renumber_layers,
 )
 from bpwopt.policy.presets import TypeChoice, parse_type_argument
-from bpwopt.quant.types import row_bytes
+from bpwopt.quant.types import DEFAULT_ROUNDING, row_bytes
 from bpwopt.write.model_writer import KeyValue, WriteRequest, output_paths, write_model
 
 _IMATRIX_TEXT_LIMIT = 127  # llama-quantize truncates these strings to its 128-byte override buffer
@@ -49,6 +49,7 @@ class QuantizeJob:
     options: QuantizeOptions = field(default_factory=QuantizeOptions)
     imatrix_path: Path | None = None
     overrides: dict[str, KeyValue] = field(default_factory=dict)
+    rounding: str = DEFAULT_ROUNDING  # --rounding; ggml's bytes, as llama-quantize writes them, unless "best"
     dry_run: bool = False
     progress: bool = True
 
@@ -177,6 +178,7 @@ def write_request(
     overrides: dict[str, KeyValue],
     provenance: dict[str, KeyValue],
     progress: bool = True,
+    rounding: str = DEFAULT_ROUNDING,
 ) -> WriteRequest:
     """What the write stage needs for these types: metadata as llama-quantize writes it, plus ours."""
     overrides = dict(overrides)
@@ -196,8 +198,13 @@ def write_request(
         source_names={new: old for new, old in source_names.items() if new != old},
         imatrix=source.imatrix,
         overrides=overrides,
-        provenance={"bpwopt.version": (GGUFValueType.STRING, __version__), **provenance},
+        provenance={
+            "bpwopt.version": (GGUFValueType.STRING, __version__),
+            "bpwopt.rounding": (GGUFValueType.STRING, rounding),
+            **provenance,
+        },
         progress=progress,
+        rounding=rounding,
     )
 
 
@@ -221,7 +228,7 @@ def quantize_file(job: QuantizeJob) -> QuantizeReport:
     types = plan.types()
     elements, data_bytes = plan_data_bytes(source, types)
     recipe = {"bpwopt.recipe": (GGUFValueType.STRING, choice.preset.name)}
-    request = write_request(source, types, plan.file_type, job.overrides, recipe, job.progress)
+    request = write_request(source, types, plan.file_type, job.overrides, recipe, job.progress, job.rounding)
     written, file_bytes = [], None
     if not job.dry_run:
         written = check_output_paths(source, request, output_path)

@@ -14,13 +14,14 @@ import numpy as np
 from gguf import GGMLQuantizationType
 
 from bpwopt.quant import codec
+from bpwopt.quant.types import DEFAULT_ROUNDING
 
 
 class ErrorBackend(Protocol):
     """Per-row (Σ w(x−x̂)², Σ (x−x̂)²) of float32 rows round-tripped through qtype, as float64 arrays."""
 
     def row_errors(
-        self, rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | None
+        self, rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | None, rounding: str
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 
@@ -28,9 +29,13 @@ class NumbaCpuBackend:
     """The byte-identical Numba kernels of bpwopt.quant, on this machine's cores."""
 
     def row_errors(
-        self, rows: np.ndarray, qtype: GGMLQuantizationType, weights: np.ndarray | None
+        self,
+        rows: np.ndarray,
+        qtype: GGMLQuantizationType,
+        weights: np.ndarray | None,
+        rounding: str = DEFAULT_ROUNDING,
     ) -> tuple[np.ndarray, np.ndarray]:
-        return codec.row_errors(rows, qtype, weights)
+        return codec.row_errors(rows, qtype, weights, rounding)
 
 
 # By name, so that a task (which must pickle) names its backend instead of carrying it.

@@ -34,7 +34,7 @@ from bpwopt.measure.backends import BACKENDS, DEFAULT_BACKEND, ErrorBackend
 from bpwopt.measure.executors import Executor, InProcessExecutor
 from bpwopt.measure.records import Estimate, Measurement, TensorRecord
 from bpwopt.policy.llama import fallback_type
-from bpwopt.quant.types import QUANT_TYPES, row_bytes
+from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, row_bytes
 from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
 
 Q = GGMLQuantizationType
@@ -148,7 +148,11 @@ def energies(rows: TensorRows) -> tuple[float, float]:
 
 
 def measure_type(
-    rows: TensorRows, qtype: GGMLQuantizationType, total_rows: int, backend: ErrorBackend = BACKENDS[DEFAULT_BACKEND]
+    rows: TensorRows,
+    qtype: GGMLQuantizationType,
+    total_rows: int,
+    backend: ErrorBackend = BACKENDS[DEFAULT_BACKEND],
+    rounding: str = DEFAULT_ROUNDING,
 ) -> Measurement:
     """The error a round trip through qtype adds to this tensor, estimated from the measured rows.
 
@@ -169,7 +173,7 @@ def measure_type(
             values = rows.values if mask.all() else np.ascontiguousarray(rows.values[mask])
             expert_weights = rows.weights[expert] if rows.weights is not None else None
             try:
-                weighted[mask], plain[mask] = backend.row_errors(values, qtype, expert_weights)
+                weighted[mask], plain[mask] = backend.row_errors(values, qtype, expert_weights, rounding)
             except ValueError as error:  # NaN or infinite weights in the file: llama-quantize refuses them too
                 raise BpwoptError(f"{rows.name}: cannot quantize to {qtype.name}: {error}") from error
     return Measurement(
@@ -215,6 +219,7 @@ class TensorTask:
     needs_record: bool  # the state has no TensorRecord of it yet
     elements: int  # its number of weights, so a driver can weigh progress
     backend: str = DEFAULT_BACKEND  # a name in BACKENDS
+    rounding: str = DEFAULT_ROUNDING  # the quantizers measured: a name in bpwopt.quant.types.ROUNDINGS
 
 
 @dataclass(frozen=True)
@@ -235,7 +240,9 @@ def measure_tensor(task: TensorTask) -> TensorResult:
     record = tensor_record(tensor, task.category, rows) if task.needs_record else None
     total_rows = int(tensor.n_elements) // int(tensor.shape[0])
     backend = BACKENDS[task.backend]
-    measured = tuple(measure_type(rows, GGMLQuantizationType[name], total_rows, backend) for name in task.types)
+    measured = tuple(
+        measure_type(rows, GGMLQuantizationType[name], total_rows, backend, task.rounding) for name in task.types
+    )
     return TensorResult(task.tensor, record, measured)
 
 

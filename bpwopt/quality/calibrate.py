@@ -164,14 +164,15 @@ def noise_perturbation(noise: float, seed: int) -> Perturbation:
     return perturb
 
 
-def quant_perturbation(probe_types: Mapping[str, GGMLQuantizationType]) -> Perturbation:
-    """A round trip through each tensor's probe type, with its imatrix weights, as the writer would quantize it."""
+def quant_perturbation(probe_types: Mapping[str, GGMLQuantizationType], rounding: str) -> Perturbation:
+    """A round trip through each tensor's probe type, with its imatrix weights and the state's rounding, as the
+    writer would quantize it."""
 
     def perturb(tensor: gguf.ReaderTensor, values: np.ndarray, weights: np.ndarray | None) -> np.ndarray:
         qtype = probe_types[tensor.name]
         experts = values.reshape(expert_count(tensor), -1, values.shape[1])
-        rows = [dequantize(quantize(np.ascontiguousarray(rows), qtype, None if weights is None else weights[e]),
-                           qtype) for e, rows in enumerate(experts)]  # fmt: skip
+        rows = [dequantize(quantize(np.ascontiguousarray(rows), qtype, None if weights is None else weights[e],
+                                    rounding), qtype) for e, rows in enumerate(experts)]  # fmt: skip
         return np.concatenate(rows).reshape(values.shape)
 
     return perturb
@@ -342,7 +343,10 @@ def calibrate(
         before_probes = {PROBE_BPW_KEY: 0.0}  # values stored before quantization probes existed were noise probes
         if any(stored.get(key, before_probes.get(key)) != value for key, value in settings.items()):
             stored = {}  # measured under other settings: start over
-        perturbation = quant_perturbation(probes) if probe == "quant" else noise_perturbation(noise, seed)
+        if probe == "quant":
+            perturbation = quant_perturbation(probes, state.identity.rounding)
+        else:
+            perturbation = noise_perturbation(noise, seed)
         results = []
         todo = [key for key in groups if only is None or key in only]
         with tempfile.TemporaryDirectory(prefix="bpwopt-calibrate-", dir=work_dir) as directory:

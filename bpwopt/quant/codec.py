@@ -12,7 +12,7 @@ import numpy as np
 from gguf.constants import GGMLQuantizationType
 
 from bpwopt.quant.kernels import rows
-from bpwopt.quant.types import QuantType, get_quant_type
+from bpwopt.quant.types import DEFAULT_ROUNDING, QuantType, get_quant_type
 
 QTypeLike = str | int | GGMLQuantizationType
 
@@ -54,18 +54,21 @@ def _as_imatrix(imatrix: np.ndarray | None, n_per_row: int, quant_type: QuantTyp
     return weights
 
 
-def quantize(x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None) -> np.ndarray:
+def quantize(
+    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None, rounding: str = DEFAULT_ROUNDING
+) -> np.ndarray:
     """Quantize float32 x (..., n_per_row) to ggml's bytes, uint8 (..., row_bytes).
 
     With an imatrix (float, shape (n_per_row,)) the type's importance-weighted
-    search runs, as in `ggml_quantize_chunk` with quant_weights.
+    search runs, as in `ggml_quantize_chunk` with quant_weights. rounding
+    "best" takes the type's better-rounding kernel where it has one.
     """
     quant_type = get_quant_type(qtype)
     x_rows = _as_rows(x, quant_type)
     n_per_row = x_rows.shape[1]
     weights = _as_imatrix(imatrix, n_per_row, quant_type)
     out = np.empty((x_rows.shape[0], quant_type.row_bytes(n_per_row)), dtype=np.uint8)
-    rows.quantize_rows(quant_type.quantize_row, x_rows, weights, out)
+    rows.quantize_rows(quant_type.quantize_kernel(rounding), x_rows, weights, out)
     return out.reshape(*x.shape[:-1], out.shape[1])
 
 
@@ -90,7 +93,7 @@ def dequantize(q: np.ndarray, qtype: QTypeLike) -> np.ndarray:
 
 
 def row_errors(
-    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None
+    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None, rounding: str = DEFAULT_ROUNDING
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-row (weighted_sse, sse), float64 arrays of length nrows; see `quant_error`."""
     quant_type = get_quant_type(qtype)
@@ -98,7 +101,7 @@ def row_errors(
     n_per_row = x_rows.shape[1]
     weights = _as_imatrix(imatrix, n_per_row, quant_type)
     return rows.row_errors(
-        quant_type.quantize_row,
+        quant_type.quantize_kernel(rounding),
         quant_type.dequantize_row,
         x_rows,
         weights,
@@ -107,7 +110,7 @@ def row_errors(
 
 
 def quant_error(
-    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None
+    x: np.ndarray, qtype: QTypeLike, imatrix: np.ndarray | None = None, rounding: str = DEFAULT_ROUNDING
 ) -> tuple[float, float]:
     """Squared error a round trip through qtype adds to x, without building q in Python.
 
@@ -115,5 +118,5 @@ def quant_error(
     elements, quantizing with the imatrix exactly as `quantize` would. Without
     an imatrix the weights are 1 and the two are equal.
     """
-    weighted_sse, sse = row_errors(x, qtype, imatrix)
+    weighted_sse, sse = row_errors(x, qtype, imatrix, rounding)
     return float(weighted_sse.sum()), float(sse.sum())

@@ -3,7 +3,9 @@
 Every other module asks this registry for a type's ggml id, name, block size,
 bytes per block, bits per weight and row kernels. Block geometry comes from
 the gguf package's `GGML_QUANT_SIZES` (the file format's own table), kernels
-from the per-family modules under `bpwopt.quant.kernels`.
+from the per-family modules under `bpwopt.quant.kernels`. A type may also have
+a `best` quantizer (`bpwopt.quant.kernels.best_rounding`): the same bytes
+layout, a lower error; the rounding is chosen by name (ROUNDINGS).
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from bpwopt.quant.kernels import floats, iq4, kquants_affine, kquants_symmetric, legacy
+from bpwopt.quant.kernels import best_rounding, floats, iq4, kquants_affine, kquants_symmetric, legacy
+
+# ggml: byte-identical to ggml_quantize_chunk; best: best_rounding's kernel where the type has one, else ggml's.
+ROUNDINGS = ("ggml", "best")
+DEFAULT_ROUNDING = "ggml"
 
 
 @dataclass(frozen=True)
@@ -25,6 +31,7 @@ class QuantType:
     block_bytes: int  # bytes per block
     quantize_row: Any  # Numba kernel, signature rows.QUANTIZE_ROW
     dequantize_row: Any  # Numba kernel, signature rows.DEQUANTIZE_ROW
+    best_quantize_row: Any = None  # Numba kernel of `--rounding best`, same signature; None: ggml's is used
 
     @property
     def name(self) -> str:
@@ -37,6 +44,12 @@ class QuantType:
     @property
     def bits_per_weight(self) -> float:
         return 8.0 * self.block_bytes / self.block_size
+
+    def quantize_kernel(self, rounding: str = DEFAULT_ROUNDING) -> Any:
+        """The quantize_row kernel of a rounding (a name in ROUNDINGS)."""
+        if rounding not in ROUNDINGS:
+            raise ValueError(f"unknown rounding {rounding!r}; valid: {', '.join(ROUNDINGS)}")
+        return self.best_quantize_row if rounding == "best" and self.best_quantize_row else self.quantize_row
 
     def row_bytes(self, n_per_row: int) -> int:
         """Bytes of one row of n_per_row elements (n_per_row must fill whole blocks)."""
@@ -54,7 +67,8 @@ def _build_registry() -> dict[GGMLQuantizationType, QuantType]:
     for family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
         for ggml_type, (quantize_row, dequantize_row) in family.KERNELS.items():
             block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
-            registry[ggml_type] = QuantType(ggml_type, block_size, block_bytes, quantize_row, dequantize_row)
+            best = best_rounding.KERNELS.get(ggml_type)
+            registry[ggml_type] = QuantType(ggml_type, block_size, block_bytes, quantize_row, dequantize_row, best)
     return dict(sorted(registry.items(), key=lambda item: int(item[0])))
 
 

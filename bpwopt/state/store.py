@@ -34,6 +34,7 @@ from sqlite_utils import Database
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import fsync_path
 from bpwopt.measure.records import Estimate, Measurement, TensorRecord
+from bpwopt.quant.types import DEFAULT_ROUNDING
 
 # 1: statistics as columns of measurements; 2: a statistics table, one row per (tensor, type, statistic)
 STATE_FORMAT_VERSION = 2
@@ -62,6 +63,7 @@ class StateIdentity:
     imatrix_sha256: str | None  # None: measured without an imatrix
     candidates: tuple[str, ...]  # candidate type names as requested, e.g. ("Q2_K", "Q3_K", ...)
     sampling: str  # canonical text of the sampling settings, e.g. "rows<=1024;seed=0" or "precise"
+    rounding: str = DEFAULT_ROUNDING  # the quantizers measured (and written): a name in bpwopt.quant.types.ROUNDINGS
 
 
 @dataclass(frozen=True)
@@ -480,6 +482,7 @@ def _identity_rows(identity: StateIdentity) -> list[dict]:
         "imatrix_sha256": identity.imatrix_sha256,
         "candidates": ",".join(identity.candidates),
         "sampling": identity.sampling,
+        "rounding": identity.rounding,
         "created": _now(),
     }
     return [{"key": key, "value": value} for key, value in values.items()]
@@ -570,6 +573,7 @@ def _validated_identity(path: Path, db: Database) -> tuple[StateIdentity, int]:
         imatrix_sha256=stored.get("imatrix_sha256"),
         candidates=tuple(stored["candidates"].split(",")) if stored["candidates"] else (),
         sampling=stored["sampling"],
+        rounding=stored.get("rounding", DEFAULT_ROUNDING),  # states from before the option measured ggml's
     ), version
 
 
@@ -596,6 +600,10 @@ def _check_identity(path: Path, stored: StateIdentity, wanted: StateIdentity) ->
         )
     if stored.sampling != wanted.sampling:
         raise BpwoptError(f"{measured} with sampling {stored.sampling}, not {wanted.sampling}; use another state file")
+    if stored.rounding != wanted.rounding:
+        raise BpwoptError(
+            f"{measured} with --rounding {stored.rounding}, not {wanted.rounding}; use another state file"
+        )
 
 
 @contextmanager

@@ -28,7 +28,7 @@ from bpwopt.formats.gguf_writer import DEFAULT_ALIGNMENT, GGUFLayout, TensorSlot
 from bpwopt.formats.imatrix import Imatrix
 from bpwopt.formats.splits import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, ModelFiles, split_path
 from bpwopt.quant import codec
-from bpwopt.quant.types import row_bytes
+from bpwopt.quant.types import DEFAULT_ROUNDING, row_bytes
 from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
 
 GGML_QNT_VERSION = 2
@@ -51,11 +51,12 @@ class WriteRequest:
     imatrix: Imatrix | None = None
     overrides: dict[str, KeyValue] = field(default_factory=dict)  # --override-kv, then imatrix keys
     provenance: dict[str, KeyValue] = field(default_factory=dict)  # bpwopt.* keys
+    rounding: str = DEFAULT_ROUNDING  # the quantizers: a name in bpwopt.quant.types.ROUNDINGS
     progress: bool = True
 
 
 def _converted_pieces(
-    tensor: gguf.ReaderTensor, target_type: GGMLQuantizationType, imatrix: Imatrix | None
+    tensor: gguf.ReaderTensor, target_type: GGMLQuantizationType, imatrix: Imatrix | None, rounding: str
 ) -> Iterator[np.ndarray]:
     raw_rows = tensor_rows(tensor)
     n_per_row = int(tensor.shape[0])
@@ -73,7 +74,7 @@ def _converted_pieces(
             stop = min(start + rows_per_slab, (expert + 1) * rows_per_expert)
             floats = rows_to_float(raw_rows[start:stop], tensor.tensor_type)
             try:
-                yield codec.quantize(np.ascontiguousarray(floats), target_type, expert_weights)
+                yield codec.quantize(np.ascontiguousarray(floats), target_type, expert_weights, rounding)
             except ValueError as error:
                 raise BpwoptError(f"{tensor.name}: cannot quantize to {target_type.name}: {error}") from error
 
@@ -182,7 +183,7 @@ def write_model(request: WriteRequest, path: str | Path) -> int:
 
     def produce(file: int, index: int) -> Iterator[np.ndarray]:
         slot = layouts[file].slots[index]
-        return _converted_pieces(sources[slot.name], slot.ggml_type, request.imatrix)
+        return _converted_pieces(sources[slot.name], slot.ggml_type, request.imatrix, request.rounding)
 
     with tqdm(total=total_bytes, unit="B", unit_scale=True, desc="writing", disable=not request.progress) as bar:
         return write_gguf_files(

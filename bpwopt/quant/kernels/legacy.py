@@ -79,13 +79,13 @@ def _row_sigma2(x):
 
 
 @njit(cache=True)
-def _pack_nibbles(levels, out, offset):
+def pack_nibbles(levels, out, offset):
     for j in range(HALF_QK):
         out[offset + j] = np.uint8((levels[j] & 0x0F) | ((levels[j + HALF_QK] & 0x0F) << 4))
 
 
 @njit(cache=True)
-def _pack_high_bits(levels, out, offset):
+def pack_high_bits(levels, out, offset):
     """The fifth bit of each level, as a little-endian uint32 (Q5_0 / Q5_1 `qh`)."""
     qh = 0
     for j in range(HALF_QK):
@@ -156,10 +156,10 @@ def _quantize_symmetric(x, imatrix, out, nmax, block_bytes, has_high_bits):
         offset = block * block_bytes
         store_fp16(out, offset, d)
         if has_high_bits:
-            _pack_high_bits(levels, out, offset + 2)
-            _pack_nibbles(levels, out, offset + 6)
+            pack_high_bits(levels, out, offset + 2)
+            pack_nibbles(levels, out, offset + 6)
         else:
-            _pack_nibbles(levels, out, offset + 2)
+            pack_nibbles(levels, out, offset + 2)
 
 
 @njit(cache=True)
@@ -178,10 +178,10 @@ def _quantize_affine(x, imatrix, out, nmax, block_bytes, has_high_bits):
         store_fp16(out, offset, d)
         store_fp16(out, offset + 2, lo)
         if has_high_bits:
-            _pack_high_bits(levels, out, offset + 4)
-            _pack_nibbles(levels, out, offset + 8)
+            pack_high_bits(levels, out, offset + 4)
+            pack_nibbles(levels, out, offset + 8)
         else:
-            _pack_nibbles(levels, out, offset + 4)
+            pack_nibbles(levels, out, offset + 4)
 
 
 @njit(QUANTIZE_ROW, cache=True)
