@@ -64,13 +64,15 @@ def _block_weights(imatrix, start, weight):
 
 
 @njit(cache=True)
-def _nearest(midpoints, value):
-    """Index of the level nearest to value, given the midpoints between neighbouring levels."""
+def _nearest(midpoints, value, uniform):
+    """Index of the level nearest to value: the number of midpoints below it (levels 1 apart: counted directly)."""
+    if uniform:
+        return min(max(np.ceil(value - midpoints[0]), 0.0), np.float64(midpoints.size))
     return np.searchsorted(midpoints, value)
 
 
 @njit(cache=True)
-def _best_real_scale(y, weight, levels, midpoints, t_min, t_max, index, event_t, event_j):
+def _best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index, event_t, event_j):
     """The least-squares scale d > 0 of the best assignment y ≈ d·levels[i] met as 1/d runs over [t_min, t_max].
 
     Returns 0 when no assignment has a non-zero level (an all-zero block).
@@ -80,7 +82,7 @@ def _best_real_scale(y, weight, levels, midpoints, t_min, t_max, index, event_t,
     count = 0
     last = levels.size - 1
     for j in range(BLOCK):
-        i = _nearest(midpoints, y[j] * t_min)
+        i = int(_nearest(midpoints, y[j] * t_min, uniform))
         index[j] = i
         v = np.float64(levels[i])
         sum_yv += weight[j] * y[j] * v
@@ -119,12 +121,12 @@ def _best_real_scale(y, weight, levels, midpoints, t_min, t_max, index, event_t,
 
 
 @njit(cache=True)
-def _scaled_error(x, weight, levels, midpoints, d, index):
+def _scaled_error(x, weight, levels, midpoints, uniform, d, index):
     """Σ w (x − d·levels[i])² with every i the nearest level to x/d (written to index), as dequantized in float32."""
     error = 0.0
-    zero = _nearest(midpoints, 0.0)
+    zero = int(_nearest(midpoints, 0.0, uniform))
     for j in range(BLOCK):
-        i = _nearest(midpoints, x[j] / d) if d != 0 else zero
+        i = int(_nearest(midpoints, x[j] / d, uniform)) if d != 0 else zero
         index[j] = i
         diff = np.float64(x[j]) - np.float64(levels[i] * d)
         error += weight[j] * diff * diff
@@ -169,6 +171,7 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
     event_j = np.empty(BLOCK * levels.size, dtype=np.int64)
     y = np.empty(BLOCK, dtype=np.float64)
     reach = max(abs(np.float64(levels[0])), abs(np.float64(levels[-1])))  # the largest level's magnitude
+    uniform = layout != LAYOUT_IQ4_NL
     for block in range(x.size // BLOCK):
         start = block * BLOCK
         x_block = x[start:start + BLOCK]
@@ -186,7 +189,7 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
         for sign in (1.0, -1.0):  # d > 0, then d < 0 (the levels are not symmetric)
             for j in range(BLOCK):
                 y[j] = sign * np.float64(x_block[j])
-            real_d = _best_real_scale(y, weight, levels, midpoints, t_min, t_max, index, event_t, event_j)
+            real_d = _best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index, event_t, event_j)
             if real_d == 0:
                 continue
             bits = np.int64(fp32_to_fp16_bits(F32(sign * real_d)))
@@ -194,7 +197,7 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
                 if neighbour & 0x7FFF >= _FP16_INF_BITS or neighbour & 0x7FFF == 0:
                     continue
                 d = fp16_bits_to_fp32(np.uint16(neighbour))
-                error = _scaled_error(x_block, weight, levels, midpoints, d, trial)
+                error = _scaled_error(x_block, weight, levels, midpoints, uniform, d, trial)
                 if error < best_error:
                     best_error, best_d, found = error, d, True
                     chosen[:] = trial
