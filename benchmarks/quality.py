@@ -47,6 +47,7 @@ from bpwopt.quality.guarantee import checked_optimize, format_check
 from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.quality.tune import tune
+from bpwopt.quant.types import DEFAULT_ROUNDING, ROUNDINGS
 from bpwopt.solve.objective import DEFAULT_GROUPING, GROUPINGS
 from bpwopt.solve.targets import Target
 
@@ -72,6 +73,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--probe", choices=PROBES, default=DEFAULT_PROBE, help="calibrate's probe (calibrated)")
     parser.add_argument("--groups", choices=GROUPINGS, default=DEFAULT_GROUPING, help="calibrate's groups")
     parser.add_argument("--imatrix", choices=["yes", "no"], default="yes")
+    parser.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULT_ROUNDING,
+                        help="bpwopt's quantizers for every method (the presets stay llama.cpp's)")  # fmt: skip
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="calibration noise, rho^2")
     parser.add_argument("--calibration-chunks", type=int, default=2)
     parser.add_argument("--calibration-ctx", type=int, default=256)
@@ -96,10 +99,11 @@ def main() -> None:
     if not args.out.exists():
         args.out.write_text(HEADER)
     done = measured_rows(args.out)
-    measured = work / f"{args.model}-{label}.bpw_state"  # every candidate measured, nothing calibrated
+    bpwopt_label = label if args.rounding == DEFAULT_ROUNDING else f"{label}-{args.rounding}"  # its own states
+    measured = work / f"{args.model}-{bpwopt_label}.bpw_state"  # every candidate measured, nothing calibrated
     solve = OptimizeJob(
         input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,
-        state_path=measured, objective="relative", progress=False,
+        state_path=measured, objective="relative", rounding=args.rounding, progress=False,
     )  # fmt: skip
     presets = {
         name: quantize_preset(base, name, imatrix, work / f"{name}-{label}-preset.gguf") for name in args.presets
@@ -108,7 +112,7 @@ def main() -> None:
     calibrated = {}  # method -> the state it solves from, calibrated as that method needs
     for method, probe, groups in (("calibrated", args.probe, args.groups), ("sensitivity", "noise", DEFAULT_GROUPING)):
         if method in args.methods or {method: "checked", "sensitivity": "tuned"}[method] in args.methods:
-            calibrated[method] = work / f"{args.model}-{label}-{probe}-{groups}.bpw_state"
+            calibrated[method] = work / f"{args.model}-{bpwopt_label}-{probe}-{groups}.bpw_state"
             if not calibrated[method].exists():
                 shutil.copyfile(measured, calibrated[method])
             started = time.perf_counter()
@@ -127,7 +131,7 @@ def main() -> None:
                 continue
             path, file_bytes, bpw, kept = preset_path, preset_bytes, preset_bpw, method
             if method != "preset":  # every method at the preset's size
-                out = work / f"{name}-{label}-{method}.gguf"
+                out = work / f"{name}-{bpwopt_label}-{method}.gguf"
                 job = method_job(solve, method, presets, args, out, preset_bytes)
                 if method in ("calibrated", "checked"):  # the default flow after calibrate
                     job = replace(job, state_path=calibrated["calibrated"], objective=None)
