@@ -25,11 +25,11 @@ better was found.
 
 import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-from numba import njit
+from numba import njit, types
 
 from bpwopt.quant.kernels import iq4, legacy
 from bpwopt.quant.kernels.numerics import F32, fp16_bits_to_fp32, fp32_to_fp16_bits, round_to_fp16, store_fp16
-from bpwopt.quant.kernels.rows import QUANTIZE_ROW
+from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
 
 Q = GGMLQuantizationType
 BLOCK = 32
@@ -280,51 +280,54 @@ _WINDOW = np.array(_SCAN_WINDOW)
 _Q8_WINDOW = np.array(_Q8_0_WINDOW)
 
 
+@njit(
+    types.float32[::1](
+        types.FunctionType(QUANTIZE_ROW), types.FunctionType(DEQUANTIZE_ROW),
+        types.float32[::1], types.float32[::1], types.uint8[::1],
+    ),
+    cache=True,
+)  # fmt: skip
+def _ggml_row(quantize_row, dequantize_row, x, imatrix, out):
+    """ggml's bytes of the row into out, and the values they decode to: what each block must beat."""
+    quantize_row(x, imatrix, out)
+    restored = np.empty(x.size, dtype=np.float32)
+    dequantize_row(out, restored)
+    return restored
+
+
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q4_0(x, imatrix, out):
-    legacy.quantize_row_q4_0(x, imatrix, out)
-    restored = np.empty(x.size, dtype=np.float32)
-    legacy.dequantize_row_q4_0(out, restored)
+    restored = _ggml_row(legacy.quantize_row_q4_0, legacy.dequantize_row_q4_0, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_Q4_0, _UNIFORM_4, _MID_4, _WINDOW, _Q4_0_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q5_0(x, imatrix, out):
-    legacy.quantize_row_q5_0(x, imatrix, out)
-    restored = np.empty(x.size, dtype=np.float32)
-    legacy.dequantize_row_q5_0(out, restored)
+    restored = _ggml_row(legacy.quantize_row_q5_0, legacy.dequantize_row_q5_0, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_Q5_0, _UNIFORM_5, _MID_5, _WINDOW, _Q5_0_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q8_0(x, imatrix, out):
-    legacy.quantize_row_q8_0(x, imatrix, out)
-    restored = np.empty(x.size, dtype=np.float32)
-    legacy.dequantize_row_q8_0(out, restored)
+    restored = _ggml_row(legacy.quantize_row_q8_0, legacy.dequantize_row_q8_0, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_Q8_0, _UNIFORM_8, _MID_8, _Q8_WINDOW, _Q8_0_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_iq4_nl(x, imatrix, out):
-    iq4.quantize_row_iq4_nl(x, imatrix, out)
-    restored = np.empty(x.size, dtype=np.float32)
-    iq4.dequantize_row_iq4_nl(out, restored)
+    restored = _ggml_row(iq4.quantize_row_iq4_nl, iq4.dequantize_row_iq4_nl, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_IQ4_NL, _IQ4, _MID_IQ4, _WINDOW, _IQ4_NL_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q4_1(x, imatrix, out):
-    legacy.quantize_row_q4_1(x, imatrix, out)
-    restored = np.empty(x.size, dtype=np.float32)
-    legacy.dequantize_row_q4_1(out, restored)
+    restored = _ggml_row(legacy.quantize_row_q4_1, legacy.dequantize_row_q4_1, x, imatrix, out)
     _improve_affine_blocks(x, imatrix, restored, out, 15, _Q4_1_BYTES, False)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q5_1(x, imatrix, out):
-    legacy.quantize_row_q5_1(x, imatrix, out)
-    restored = np.empty(x.size, dtype=np.float32)
-    legacy.dequantize_row_q5_1(out, restored)
+    restored = _ggml_row(legacy.quantize_row_q5_1, legacy.dequantize_row_q5_1, x, imatrix, out)
     _improve_affine_blocks(x, imatrix, restored, out, 31, _Q5_1_BYTES, True)
 
 
