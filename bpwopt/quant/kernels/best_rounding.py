@@ -33,11 +33,11 @@ from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
 
 Q = GGMLQuantizationType
 BLOCK = 32
-HALF_BLOCK = BLOCK // 2
 _FP16_INF_BITS = 0x7C00
-# The scan covers inverse scales from 0.85 to 1.1 times (largest level)/amax: on off-grid Gemma-3-270M rows
-# a full scan (0 to ∞) lowered Q4_0 / Q5_0 / IQ4_NL errors by 10.4 / 10.6 / 7.6 %, this window by all but
-# 0.1 % of that at half the time. Q8_0's is narrower (124/amax to 129/amax): 32 × 255 level changes otherwise.
+# The scan covers inverse scales from 0.85 to 1.1 times (largest level)/amax: on 128 off-grid rows of
+# Gemma-3-270M's blk.3.ffn_down, a full scan (0 to ∞) lowered Q4_0 / Q5_0 / IQ4_NL errors by 10.4 / 10.6 /
+# 7.6 %, this window by 10.3 / 10.4 / 7.5 % in half the time. Q8_0's is narrower (124/amax to 129/amax):
+# a full scan would meet 32 × 255 level changes per block.
 _SCAN_WINDOW = (0.85, 1.1)
 _Q8_0_WINDOW = (124.0 / 128.0, 129.0 / 128.0)
 # Q4_1 / Q5_1: starting inverse scales (nmax + r)/(max − min) for r = −1, −0.9, …, +1.
@@ -53,7 +53,7 @@ LAYOUT_Q4_0, LAYOUT_Q5_0, LAYOUT_Q8_0, LAYOUT_IQ4_NL = range(4)
 
 
 def _midpoints(levels: np.ndarray) -> np.ndarray:
-    return ((levels[:-1].astype(np.float64) + levels[1:]) / 2).astype(np.float64)
+    return (levels[:-1].astype(np.float64) + levels[1:]) / 2
 
 
 @njit(cache=True)
