@@ -153,11 +153,7 @@ def _pack_scaled(layout, index, d, out, offset):
     codes = np.empty(BLOCK, dtype=np.uint8)
     for j in range(BLOCK):
         codes[j] = np.uint8(index[j])
-    if layout == LAYOUT_Q5_0:
-        legacy.pack_high_bits(codes, out, offset + 2)
-        legacy.pack_nibbles(codes, out, offset + 6)
-    else:
-        legacy.pack_nibbles(codes, out, offset + 2)
+    legacy.pack_levels(codes, out, offset + 2, layout == LAYOUT_Q5_0)
 
 
 @njit(cache=True)
@@ -207,10 +203,10 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
 
 @njit(cache=True)
 def _affine_error(x, weight, nmax, d, m, levels):
-    """Σ w (x − (d·l + m))² with every l the nearest of 0..nmax to (x − m)/d (written to levels)."""
+    """Σ w (x − (d·l + m))² with every l the nearest of 0..nmax to (x − m)/d (written to levels); d ≠ 0."""
     error = 0.0
     for j in range(BLOCK):
-        level = 0 if d == 0 else int(min(nmax, max(0.0, np.round((np.float64(x[j]) - m) / d))))
+        level = int(min(nmax, max(0.0, np.round((np.float64(x[j]) - m) / d))))
         levels[j] = level
         diff = np.float64(x[j]) - np.float64(F32(level) * d + m)
         error += weight[j] * diff * diff
@@ -265,11 +261,7 @@ def _improve_affine_blocks(x, imatrix, restored, out, nmax, block_bytes, has_hig
             offset = block * block_bytes
             store_fp16(out, offset, best_d)
             store_fp16(out, offset + 2, best_m)
-            if has_high_bits:
-                legacy.pack_high_bits(codes, out, offset + 4)
-                legacy.pack_nibbles(codes, out, offset + 8)
-            else:
-                legacy.pack_nibbles(codes, out, offset + 4)
+            legacy.pack_levels(codes, out, offset + 4, has_high_bits)
 
 
 _BYTES = {qtype: GGML_QUANT_SIZES[qtype][1] for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL)}

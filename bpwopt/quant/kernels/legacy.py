@@ -79,13 +79,22 @@ def _row_sigma2(x):
 
 
 @njit(cache=True)
-def pack_nibbles(levels, out, offset):
+def _pack_nibbles(levels, out, offset):
     for j in range(HALF_QK):
         out[offset + j] = np.uint8((levels[j] & 0x0F) | ((levels[j + HALF_QK] & 0x0F) << 4))
 
 
 @njit(cache=True)
-def pack_high_bits(levels, out, offset):
+def pack_levels(levels, out, offset, has_high_bits):
+    """A block's 32 levels from offset: Q5's fifth bits (4 bytes) first when the type has them, then the nibbles."""
+    if has_high_bits:
+        _pack_high_bits(levels, out, offset)
+        offset += 4
+    _pack_nibbles(levels, out, offset)
+
+
+@njit(cache=True)
+def _pack_high_bits(levels, out, offset):
     """The fifth bit of each level, as a little-endian uint32 (Q5_0 / Q5_1 `qh`)."""
     qh = 0
     for j in range(HALF_QK):
@@ -155,11 +164,7 @@ def _quantize_symmetric(x, imatrix, out, nmax, block_bytes, has_high_bits):
         )
         offset = block * block_bytes
         store_fp16(out, offset, d)
-        if has_high_bits:
-            pack_high_bits(levels, out, offset + 2)
-            pack_nibbles(levels, out, offset + 6)
-        else:
-            pack_nibbles(levels, out, offset + 2)
+        pack_levels(levels, out, offset + 2, has_high_bits)
 
 
 @njit(cache=True)
@@ -177,11 +182,7 @@ def _quantize_affine(x, imatrix, out, nmax, block_bytes, has_high_bits):
         offset = block * block_bytes
         store_fp16(out, offset, d)
         store_fp16(out, offset + 2, lo)
-        if has_high_bits:
-            pack_high_bits(levels, out, offset + 4)
-            pack_nibbles(levels, out, offset + 8)
-        else:
-            pack_nibbles(levels, out, offset + 4)
+        pack_levels(levels, out, offset + 4, has_high_bits)
 
 
 @njit(QUANTIZE_ROW, cache=True)
