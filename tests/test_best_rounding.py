@@ -18,24 +18,25 @@ import pytest
 from bpwopt.cli.main import main
 from bpwopt.errors import BpwoptError
 from bpwopt.quant import codec
-from bpwopt.quant.kernels import best_rounding
+from bpwopt.quant.kernels import best_rounding, best_rounding_super
 from bpwopt.quant.types import get_quant_type
 from bpwopt.state.store import StateFile, StateIdentity, read_identity
 from tests.conftest import ROW_KINDS, make_imatrix, make_rows
 
-BEST_TYPES = sorted(t.name for t in best_rounding.KERNELS)
+BEST_TYPES = sorted(t.name for t in best_rounding.KERNELS | best_rounding_super.KERNELS)
 
 
 def block_errors(x: np.ndarray, q: np.ndarray, name: str, imatrix: np.ndarray | None) -> np.ndarray:
-    """Σ w (x − x̂)² of every 32-element block, x̂ decoded by the gguf package."""
+    """Σ w (x − x̂)² of every block (32 or 256 elements), x̂ decoded by the gguf package."""
     restored = gguf.quants.dequantize(q, gguf.GGMLQuantizationType[name]).reshape(x.shape)
     weights = np.ones(x.shape[1]) if imatrix is None else imatrix.astype(np.float64)
     squared = weights * (x.astype(np.float64) - restored.astype(np.float64)) ** 2
-    return squared.reshape(x.shape[0], -1, 32).sum(axis=2)
+    return squared.reshape(x.shape[0], -1, get_quant_type(name).block_size).sum(axis=2)
 
 
 def test_the_types_with_a_best_kernel():
-    assert BEST_TYPES == ["IQ4_NL", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0"]
+    assert BEST_TYPES == ["IQ4_NL", "IQ4_XS", "Q2_K", "Q3_K", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K",
+                          "Q6_K", "Q8_0"]
 
 
 @pytest.mark.parametrize("name", BEST_TYPES)
@@ -67,7 +68,7 @@ def test_best_lowers_the_error_of_ordinary_rows(name, kind):
 
 def test_types_without_a_best_kernel_quantize_as_ggml():
     x = make_rows("gaussian", 4, 256)
-    for name in ("Q4_K", "Q6_K", "IQ4_XS", "F16"):
+    for name in ("F32", "F16", "BF16"):
         np.testing.assert_array_equal(codec.quantize(x, name, rounding="best"), codec.quantize(x, name))
 
 

@@ -15,7 +15,15 @@ from typing import Any
 
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
-from bpwopt.quant.kernels import best_rounding, floats, iq4, kquants_affine, kquants_symmetric, legacy
+from bpwopt.quant.kernels import (
+    best_rounding,
+    best_rounding_super,
+    floats,
+    iq4,
+    kquants_affine,
+    kquants_symmetric,
+    legacy,
+)
 
 # ggml: byte-identical to ggml_quantize_chunk; best: best_rounding's kernel where the type has one, else ggml's.
 ROUNDINGS = ("ggml", "best")
@@ -64,10 +72,11 @@ def row_bytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
 
 def _build_registry() -> dict[GGMLQuantizationType, QuantType]:
     registry = {}
+    best_kernels = best_rounding.KERNELS | best_rounding_super.KERNELS
     for family in (floats, legacy, kquants_affine, kquants_symmetric, iq4):
         for ggml_type, (quantize_row, dequantize_row) in family.KERNELS.items():
             block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
-            best = best_rounding.KERNELS.get(ggml_type)
+            best = best_kernels.get(ggml_type)
             registry[ggml_type] = QuantType(ggml_type, block_size, block_bytes, quantize_row, dequantize_row, best)
     return dict(sorted(registry.items(), key=lambda item: int(item[0])))
 

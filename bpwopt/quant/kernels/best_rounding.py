@@ -52,19 +52,19 @@ _IQ4 = iq4.KVALUES_IQ4NL.astype(np.float32)
 LAYOUT_Q4_0, LAYOUT_Q5_0, LAYOUT_Q8_0, LAYOUT_IQ4_NL = range(4)
 
 
-def _midpoints(levels: np.ndarray) -> np.ndarray:
+def midpoints_of(levels: np.ndarray) -> np.ndarray:
     return (levels[:-1].astype(np.float64) + levels[1:]) / 2
 
 
 @njit(cache=True)
-def _block_weights(imatrix, start, weight):
-    """The error's weights for one block: the imatrix's, or 1 without one."""
-    for j in range(BLOCK):
+def block_weights(imatrix, start, weight):
+    """The error's weights for the weight.size elements from start: the imatrix's, or 1 without one."""
+    for j in range(weight.size):
         weight[j] = imatrix[start + j] if imatrix.size else 1.0
 
 
 @njit(cache=True)
-def _nearest(midpoints, value, uniform):
+def nearest_level(midpoints, value, uniform):
     """Index of the level nearest to value: the number of midpoints below it (levels 1 apart: counted directly)."""
     if uniform:
         return min(max(np.ceil(value - midpoints[0]), 0.0), np.float64(midpoints.size))
@@ -72,17 +72,18 @@ def _nearest(midpoints, value, uniform):
 
 
 @njit(cache=True)
-def _best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index, event_t, event_j):
+def best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index, event_t, event_j):
     """The least-squares scale d > 0 of the best assignment y ≈ d·levels[i] met as 1/d runs over [t_min, t_max].
 
     Returns 0 when no assignment has a non-zero level (an all-zero block).
+    index, event_t and event_j are scratch of y.size and y.size·levels.size.
     """
     sum_yv = 0.0
     sum_vv = 0.0
     count = 0
     last = levels.size - 1
-    for j in range(BLOCK):
-        i = int(_nearest(midpoints, y[j] * t_min, uniform))
+    for j in range(y.size):
+        i = int(nearest_level(midpoints, y[j] * t_min, uniform))
         index[j] = i
         v = np.float64(levels[i])
         sum_yv += weight[j] * y[j] * v
@@ -121,12 +122,12 @@ def _best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index,
 
 
 @njit(cache=True)
-def _scaled_error(x, weight, levels, midpoints, uniform, d, index):
+def scaled_error(x, weight, levels, midpoints, uniform, d, index):
     """Σ w (x − d·levels[i])² with every i the nearest level to x/d (written to index), as dequantized in float32."""
     error = 0.0
-    zero = int(_nearest(midpoints, 0.0, uniform))
-    for j in range(BLOCK):
-        i = int(_nearest(midpoints, x[j] / d, uniform)) if d != 0 else zero
+    zero = int(nearest_level(midpoints, 0.0, uniform))
+    for j in range(x.size):
+        i = int(nearest_level(midpoints, x[j] / d, uniform)) if d != 0 else zero
         index[j] = i
         diff = np.float64(x[j]) - np.float64(levels[i] * d)
         error += weight[j] * diff * diff
@@ -134,9 +135,10 @@ def _scaled_error(x, weight, levels, midpoints, uniform, d, index):
 
 
 @njit(cache=True)
-def _restored_error(x, weight, restored, start):
+def restored_error(x, weight, restored, start):
+    """Σ w (x − x̂)² over the weight.size elements from start, x̂ the decoded values in restored."""
     error = 0.0
-    for j in range(BLOCK):
+    for j in range(weight.size):
         diff = np.float64(x[start + j]) - np.float64(restored[start + j])
         error += weight[j] * diff * diff
     return error
@@ -171,8 +173,8 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
     for block in range(x.size // BLOCK):
         start = block * BLOCK
         x_block = x[start:start + BLOCK]
-        _block_weights(imatrix, start, weight)
-        best_error = _restored_error(x, weight, restored, start)
+        block_weights(imatrix, start, weight)
+        best_error = restored_error(x, weight, restored, start)
         best_d = F32(0)
         found = False
         amax = 0.0
@@ -185,7 +187,7 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
         for sign in (1.0, -1.0):  # d > 0, then d < 0 (the levels are not symmetric)
             for j in range(BLOCK):
                 y[j] = sign * np.float64(x_block[j])
-            real_d = _best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index, event_t, event_j)
+            real_d = best_real_scale(y, weight, levels, midpoints, uniform, t_min, t_max, index, event_t, event_j)
             if real_d == 0:
                 continue
             bits = np.int64(fp32_to_fp16_bits(F32(sign * real_d)))
@@ -193,7 +195,7 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
                 if neighbour & 0x7FFF >= _FP16_INF_BITS or neighbour & 0x7FFF == 0:
                     continue
                 d = fp16_bits_to_fp32(np.uint16(neighbour))
-                error = _scaled_error(x_block, weight, levels, midpoints, uniform, d, trial)
+                error = scaled_error(x_block, weight, levels, midpoints, uniform, d, trial)
                 if error < best_error:
                     best_error, best_d, found = error, d, True
                     chosen[:] = trial
@@ -203,14 +205,64 @@ def _improve_scaled_blocks(x, imatrix, restored, out, layout, levels, midpoints,
 
 @njit(cache=True)
 def _affine_error(x, weight, nmax, d, m, levels):
-    """Σ w (x − (d·l + m))² with every l the nearest of 0..nmax to (x − m)/d (written to levels); d ≠ 0."""
+    """Σ w (x − (d·l + m))² with every l the nearest of 0..nmax to (x − m)/d (written to levels); d ≠ 0.
+
+    x̂ is computed in float32 as the decoders do.
+    """
     error = 0.0
-    for j in range(BLOCK):
+    for j in range(x.size):
         level = int(min(nmax, max(0.0, np.round((np.float64(x[j]) - m) / d))))
         levels[j] = level
-        diff = np.float64(x[j]) - np.float64(F32(level) * d + m)
+        diff = np.float64(x[j]) - np.float64(F32(level) * F32(d) + F32(m))
         error += weight[j] * diff * diff
     return error
+
+
+@njit(cache=True)
+def affine_fit(x, weight, nmax, fp16, nonpositive_min, levels, trial, chosen):
+    """The (error, d, m) of the best fit x ≈ d·l + m (l in 0..nmax) met from a grid of starts, each refitted
+    by weighted least squares; its levels go to chosen. levels and trial are scratch of x.size.
+
+    fp16: d and m rounded to fp16 as they are stored (Q4_1, Q5_1). nonpositive_min: m ≤ 0 and d > 0, as the
+    K-quants store a min (dmin·m with m ≥ 0) to subtract. The error is infinite when nothing fits.
+    """
+    best_error, best_d, best_m = np.inf, 0.0, 0.0
+    lo = np.float64(x.min())
+    hi = np.float64(x.max())
+    if nonpositive_min:
+        lo = min(lo, 0.0)
+    if hi == lo:
+        return best_error, best_d, best_m
+    for r in _AFFINE_STARTS:
+        inverse_scale = (nmax + r) / (hi - lo)
+        for j in range(x.size):
+            levels[j] = int(min(nmax, max(0.0, np.round((np.float64(x[j]) - lo) * inverse_scale))))
+        for _ in range(_AFFINE_REFITS):
+            sw = sl = sll = sx = slx = 0.0
+            for j in range(x.size):
+                w, level, value = weight[j], np.float64(levels[j]), np.float64(x[j])
+                sw += w
+                sl += w * level
+                sll += w * level * level
+                sx += w * value
+                slx += w * level * value
+            det = sw * sll - sl * sl
+            if not det > 0:
+                break
+            d = (sw * slx - sl * sx) / det
+            m = (sll * sx - sl * slx) / det
+            if nonpositive_min and m > 0:  # the best fit with m = 0: scale only
+                d, m = slx / sll, 0.0
+            if fp16:
+                d, m = np.float64(round_to_fp16(F32(d))), np.float64(round_to_fp16(F32(m)))
+            if not (np.isfinite(d) and np.isfinite(m)) or d == 0 or (nonpositive_min and d < 0):
+                break
+            error = _affine_error(x, weight, nmax, d, m, trial)
+            levels[:] = trial
+            if error < best_error:
+                best_error, best_d, best_m = error, d, m
+                chosen[:] = trial
+    return best_error, best_d, best_m
 
 
 @njit(cache=True)
@@ -219,55 +271,25 @@ def _improve_affine_blocks(x, imatrix, restored, out, nmax, block_bytes, has_hig
     weight = np.empty(BLOCK, dtype=np.float64)
     levels = np.empty(BLOCK, dtype=np.int64)
     trial = np.empty(BLOCK, dtype=np.int64)
+    chosen = np.empty(BLOCK, dtype=np.int64)
     codes = np.empty(BLOCK, dtype=np.uint8)
     for block in range(x.size // BLOCK):
         start = block * BLOCK
-        x_block = x[start:start + BLOCK]
-        _block_weights(imatrix, start, weight)
-        best_error = _restored_error(x, weight, restored, start)
-        lo = np.float64(x_block.min())
-        hi = np.float64(x_block.max())
-        if hi == lo:
-            continue
-        best_d = F32(0)
-        best_m = F32(0)
-        found = False
-        for r in _AFFINE_STARTS:
-            inverse_scale = (nmax + r) / (hi - lo)
-            for j in range(BLOCK):
-                levels[j] = int(min(nmax, max(0.0, np.round((np.float64(x_block[j]) - lo) * inverse_scale))))
-            for _ in range(_AFFINE_REFITS):
-                sw = sl = sll = sx = slx = 0.0
-                for j in range(BLOCK):
-                    w, level, value = weight[j], np.float64(levels[j]), np.float64(x_block[j])
-                    sw += w
-                    sl += w * level
-                    sll += w * level * level
-                    sx += w * value
-                    slx += w * level * value
-                det = sw * sll - sl * sl
-                if not det > 0:
-                    break
-                d = round_to_fp16(F32((sw * slx - sl * sx) / det))
-                m = round_to_fp16(F32((sll * sx - sl * slx) / det))
-                if not (np.isfinite(d) and np.isfinite(m)) or d == 0:
-                    break
-                error = _affine_error(x_block, weight, nmax, d, m, trial)
-                levels[:] = trial
-                if error < best_error:
-                    best_error, best_d, best_m, found = error, d, m, True
-                    codes[:] = trial
-        if found:
+        block_weights(imatrix, start, weight)
+        error, d, m = affine_fit(x[start:start + BLOCK], weight, nmax, True, False, levels, trial, chosen)
+        if error < restored_error(x, weight, restored, start):
             offset = block * block_bytes
-            store_fp16(out, offset, best_d)
-            store_fp16(out, offset + 2, best_m)
+            store_fp16(out, offset, F32(d))
+            store_fp16(out, offset + 2, F32(m))
+            for j in range(BLOCK):
+                codes[j] = np.uint8(chosen[j])
             legacy.pack_levels(codes, out, offset + 4, has_high_bits)
 
 
 _BYTES = {qtype: GGML_QUANT_SIZES[qtype][1] for qtype in (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.IQ4_NL)}
 _Q4_0_BYTES, _Q4_1_BYTES, _Q5_0_BYTES = _BYTES[Q.Q4_0], _BYTES[Q.Q4_1], _BYTES[Q.Q5_0]
 _Q5_1_BYTES, _Q8_0_BYTES, _IQ4_NL_BYTES = _BYTES[Q.Q5_1], _BYTES[Q.Q8_0], _BYTES[Q.IQ4_NL]
-_MID_4, _MID_5, _MID_8, _MID_IQ4 = (_midpoints(levels) for levels in (_UNIFORM_4, _UNIFORM_5, _UNIFORM_8, _IQ4))
+_MID_4, _MID_5, _MID_8, _MID_IQ4 = (midpoints_of(levels) for levels in (_UNIFORM_4, _UNIFORM_5, _UNIFORM_8, _IQ4))
 _WINDOW = np.array(_SCAN_WINDOW)
 _Q8_WINDOW = np.array(_Q8_0_WINDOW)
 
@@ -279,7 +301,7 @@ _Q8_WINDOW = np.array(_Q8_0_WINDOW)
     ),
     cache=True,
 )  # fmt: skip
-def _ggml_row(quantize_row, dequantize_row, x, imatrix, out):
+def ggml_row(quantize_row, dequantize_row, x, imatrix, out):
     """ggml's bytes of the row into out, and the values they decode to: what each block must beat."""
     quantize_row(x, imatrix, out)
     restored = np.empty(x.size, dtype=np.float32)
@@ -289,37 +311,37 @@ def _ggml_row(quantize_row, dequantize_row, x, imatrix, out):
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q4_0(x, imatrix, out):
-    restored = _ggml_row(legacy.quantize_row_q4_0, legacy.dequantize_row_q4_0, x, imatrix, out)
+    restored = ggml_row(legacy.quantize_row_q4_0, legacy.dequantize_row_q4_0, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_Q4_0, _UNIFORM_4, _MID_4, _WINDOW, _Q4_0_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q5_0(x, imatrix, out):
-    restored = _ggml_row(legacy.quantize_row_q5_0, legacy.dequantize_row_q5_0, x, imatrix, out)
+    restored = ggml_row(legacy.quantize_row_q5_0, legacy.dequantize_row_q5_0, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_Q5_0, _UNIFORM_5, _MID_5, _WINDOW, _Q5_0_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q8_0(x, imatrix, out):
-    restored = _ggml_row(legacy.quantize_row_q8_0, legacy.dequantize_row_q8_0, x, imatrix, out)
+    restored = ggml_row(legacy.quantize_row_q8_0, legacy.dequantize_row_q8_0, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_Q8_0, _UNIFORM_8, _MID_8, _Q8_WINDOW, _Q8_0_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_iq4_nl(x, imatrix, out):
-    restored = _ggml_row(iq4.quantize_row_iq4_nl, iq4.dequantize_row_iq4_nl, x, imatrix, out)
+    restored = ggml_row(iq4.quantize_row_iq4_nl, iq4.dequantize_row_iq4_nl, x, imatrix, out)
     _improve_scaled_blocks(x, imatrix, restored, out, LAYOUT_IQ4_NL, _IQ4, _MID_IQ4, _WINDOW, _IQ4_NL_BYTES)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q4_1(x, imatrix, out):
-    restored = _ggml_row(legacy.quantize_row_q4_1, legacy.dequantize_row_q4_1, x, imatrix, out)
+    restored = ggml_row(legacy.quantize_row_q4_1, legacy.dequantize_row_q4_1, x, imatrix, out)
     _improve_affine_blocks(x, imatrix, restored, out, 15, _Q4_1_BYTES, False)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q5_1(x, imatrix, out):
-    restored = _ggml_row(legacy.quantize_row_q5_1, legacy.dequantize_row_q5_1, x, imatrix, out)
+    restored = ggml_row(legacy.quantize_row_q5_1, legacy.dequantize_row_q5_1, x, imatrix, out)
     _improve_affine_blocks(x, imatrix, restored, out, 31, _Q5_1_BYTES, True)
 
 

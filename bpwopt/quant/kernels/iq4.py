@@ -43,8 +43,8 @@ HALF_BLOCK = BLOCK // 2
 _NL_QS = _NL_BYTES - BLOCK // 2  # the nibbles follow the fp16 scale
 _XS_SCALES_H = 2  # uint16: bits 4..5 of every block's 6-bit scale
 _XS_SCALES_L = 4  # uint8[SUPER_BLOCK/64]: bits 0..3 of the block scales, two per byte
-_XS_QS = _XS_BYTES - SUPER_BLOCK // 2
-_XS_SCALE_BIAS = 32  # block multipliers −32..31 are stored as 0..63
+XS_QS = _XS_BYTES - SUPER_BLOCK // 2
+XS_SCALE_BIAS = 32  # block multipliers −32..31 are stored as 0..63
 _NTRY = 7  # scale candidates on each side of the first guess, as ggml_quantize_chunk uses
 
 
@@ -111,14 +111,23 @@ def _store_block_multipliers(scales, out, offset):
     from the float32 d, as ggml does, not from the stored fp16).
     """
     largest, _ = signed_max(scales)
-    d = -largest / F32(_XS_SCALE_BIAS)
-    store_fp16(out, offset, d)
+    d = -largest / F32(XS_SCALE_BIAS)
     inverse_d = inverse_or_zero(d)
-    scales_h = 0
+    multipliers = np.empty(scales.size, dtype=np.int64)
     for ib in range(scales.size):
-        multiplier = max(-_XS_SCALE_BIAS, min(_XS_SCALE_BIAS - 1, nearest_int(inverse_d * scales[ib])))
-        scales[ib] = d * F32(multiplier)
-        stored = multiplier + _XS_SCALE_BIAS
+        multipliers[ib] = max(-XS_SCALE_BIAS, min(XS_SCALE_BIAS - 1, nearest_int(inverse_d * scales[ib])))
+        scales[ib] = d * F32(multipliers[ib])
+    store_xs_scales(d, multipliers, out, offset)
+
+
+@njit(cache=True)
+def store_xs_scales(d, multipliers, out, offset):
+    """IQ4_XS's fp16 d, then the block multipliers (−32..31) as 6-bit fields: low nibbles in scales_l
+    (two per byte), the top two bits in scales_h."""
+    store_fp16(out, offset, d)
+    scales_h = 0
+    for ib in range(multipliers.size):
+        stored = multipliers[ib] + XS_SCALE_BIAS
         scales_h |= (stored >> 4) << (2 * ib)
         low_nibble = stored & 0x0F
         if ib % 2 == 0:
@@ -129,7 +138,7 @@ def _store_block_multipliers(scales, out, offset):
 
 
 @njit(cache=True)
-def _store_levels(block, scale, out, offset):
+def store_levels(block, scale, out, offset):
     """The nearest level of every x/scale, packed two per byte: element j low, j+16 high."""
     inverse_scale = inverse_or_zero(scale)
     for j in range(HALF_BLOCK):
@@ -155,13 +164,13 @@ def _quantize_super_block(x, imatrix, out, offset, scales, weight):
         scales[ib] = _block_scale(block, weight)
     if n_blocks > 1:
         _store_block_multipliers(scales, out, offset)
-        levels_offset = offset + _XS_QS
+        levels_offset = offset + XS_QS
     else:
         store_fp16(out, offset, scales[0])
         levels_offset = offset + _NL_QS
     for ib in range(n_blocks):
         start = ib * BLOCK
-        _store_levels(x[start:start + BLOCK], scales[ib], out, levels_offset + ib * HALF_BLOCK)
+        store_levels(x[start:start + BLOCK], scales[ib], out, levels_offset + ib * HALF_BLOCK)
 
 
 @njit(cache=True)
@@ -211,7 +220,7 @@ def _block_multiplier(q, offset, ib):
     """The 6-bit scale of block ib of an IQ4_XS super-block, centred on zero."""
     low = (np.int64(q[offset + _XS_SCALES_L + ib // 2]) >> (4 * (ib % 2))) & 0x0F
     high = (np.int64(load_u16(q, offset + _XS_SCALES_H)) >> (2 * ib)) & 3
-    return (low | (high << 4)) - _XS_SCALE_BIAS
+    return (low | (high << 4)) - XS_SCALE_BIAS
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
@@ -222,7 +231,7 @@ def dequantize_row_iq4_xs(q, out):
         for ib in range(SUPER_BLOCK // BLOCK):
             scale = d * F32(_block_multiplier(q, offset, ib))
             out_offset = sb * SUPER_BLOCK + ib * BLOCK
-            _dequantize_block(q, offset + _XS_QS + ib * HALF_BLOCK, scale, out, out_offset)
+            _dequantize_block(q, offset + XS_QS + ib * HALF_BLOCK, scale, out, out_offset)
 
 
 KERNELS = {

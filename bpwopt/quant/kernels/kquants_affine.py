@@ -65,7 +65,7 @@ class _KQuant(NamedTuple):
 
 
 # block_q2_K: scales[QK_K/16], qs[QK_K/4], d, dmin
-_Q2_K = _KQuant(
+KIND_Q2_K = _KQuant(
     block_bytes=_Q2_K_BYTES,
     sub_size=16,
     nmax=3,
@@ -85,7 +85,7 @@ _Q2_K = _KQuant(
     clamp_imatrix_scales=False,
 )
 # block_q4_K: d, dmin, scales[12], qs[QK_K/2]
-_Q4_K = _KQuant(
+KIND_Q4_K = _KQuant(
     block_bytes=_Q4_K_BYTES,
     sub_size=32,
     nmax=15,
@@ -105,7 +105,7 @@ _Q4_K = _KQuant(
     clamp_imatrix_scales=False,
 )
 # block_q5_K: d, dmin, scales[12], qh[QK_K/8], qs[QK_K/2]
-_Q5_K = _Q4_K._replace(
+KIND_Q5_K = KIND_Q4_K._replace(
     block_bytes=_Q5_K_BYTES,
     nmax=31,
     qs=_D_DMIN_BYTES + _K_SCALE_SIZE + QK_K // 8,
@@ -306,6 +306,15 @@ def _quantize_super_block(block, importance, kind, out, offset, scratch):
     clamp = kind.clamp_imatrix_scales if use_imatrix else kind.clamp_ref_scales
     d = _quantize_sub_values(sub_scales, sub_weights, use_imatrix, kind.scale_nmax, clamp, scale_levels)
     dmin = _quantize_sub_values(sub_mins, sub_weights, use_imatrix, kind.scale_nmax, clamp, min_levels)
+    pack_super_block(block, d, dmin, scale_levels, min_levels, kind, out, offset, levels)
+
+
+@njit(cache=True)
+def pack_super_block(block, d, dmin, scale_levels, min_levels, kind, out, offset, levels):
+    """Store d, dmin and the sub-block levels, re-quantize against their decoded values, pack the levels.
+
+    levels holds what a sub-block whose decoded scale is zero keeps.
+    """
     store_fp16(out, offset + kind.d, d)
     store_fp16(out, offset + kind.d + 2, dmin)
     _pack_scales(scale_levels, min_levels, kind, out, offset + kind.scales)
@@ -333,7 +342,7 @@ def _quantize_row(x, imatrix, out, kind):
 
 
 @njit(cache=True)
-def _dequantize_row(q, out, kind):
+def dequantize_kind_row(q, out, kind):
     """x = d·sc·level − dmin·m, in float32 in ggml's order."""
     levels = np.empty(kind.sub_size, dtype=np.int64)
     for b in range(out.size // QK_K):
@@ -352,32 +361,32 @@ def _dequantize_row(q, out, kind):
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q2_k(x, imatrix, out):
-    _quantize_row(x, imatrix, out, _Q2_K)
+    _quantize_row(x, imatrix, out, KIND_Q2_K)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q4_k(x, imatrix, out):
-    _quantize_row(x, imatrix, out, _Q4_K)
+    _quantize_row(x, imatrix, out, KIND_Q4_K)
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_q5_k(x, imatrix, out):
-    _quantize_row(x, imatrix, out, _Q5_K)
+    _quantize_row(x, imatrix, out, KIND_Q5_K)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
 def dequantize_row_q2_k(q, out):
-    _dequantize_row(q, out, _Q2_K)
+    dequantize_kind_row(q, out, KIND_Q2_K)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
 def dequantize_row_q4_k(q, out):
-    _dequantize_row(q, out, _Q4_K)
+    dequantize_kind_row(q, out, KIND_Q4_K)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
 def dequantize_row_q5_k(q, out):
-    _dequantize_row(q, out, _Q5_K)
+    dequantize_kind_row(q, out, KIND_Q5_K)
 
 
 KERNELS = {

@@ -39,14 +39,14 @@ _LANES = 32  # both types spread the bits of elements l, l+32, l+64, ... over on
 _Q3_QS = QK_K // 8
 _Q3_SCALES = _Q3_QS + QK_K // 4
 _Q3_D = _Q3_SCALES + 12
-_Q3_NMAX = 4  # levels -4..3
-_Q3_SCALE_NMAX = 32  # 6-bit scales -32..31
+Q3_NMAX = 4  # levels -4..3
+Q3_SCALE_NMAX = 32  # 6-bit scales -32..31
 
 # block_q6_K: ql[QK_K/2] (bits 0-3 of each level), qh[QK_K/4] (bits 4-5), int8 scales[16], d
 _Q6_QH = QK_K // 2
 _Q6_SCALES = _Q6_QH + QK_K // 4
 _Q6_D = _Q6_SCALES + N_SUB
-_Q6_NMAX = 32  # levels -32..31
+Q6_NMAX = 32  # levels -32..31
 
 
 @njit(cache=True)
@@ -136,15 +136,15 @@ def _q3_ref_scales(block, levels, sub_scales, scale_levels):
     6-bit levels against the largest. Fills scale_levels (0..63), returns the super-block scale."""
     for j in range(N_SUB):
         sub = slice(j * SUB, (j + 1) * SUB)
-        sub_scales[j] = make_q3_quants(_Q3_NMAX, block[sub], levels[sub], True)
+        sub_scales[j] = make_q3_quants(Q3_NMAX, block[sub], levels[sub], True)
     max_scale, _ = signed_max(sub_scales)
     if max_scale == ZERO:
         scale_levels[:] = 0
         return ZERO
-    iscale = F32(-_Q3_SCALE_NMAX) / max_scale
+    iscale = F32(-Q3_SCALE_NMAX) / max_scale
     for j in range(N_SUB):
         level = np.int8(nearest_int(iscale * sub_scales[j]))  # C stores it in an int8_t
-        scale_levels[j] = max(-_Q3_SCALE_NMAX, min(_Q3_SCALE_NMAX - 1, level)) + _Q3_SCALE_NMAX
+        scale_levels[j] = max(-Q3_SCALE_NMAX, min(Q3_SCALE_NMAX - 1, level)) + Q3_SCALE_NMAX
     return _reciprocal(iscale)
 
 
@@ -163,17 +163,17 @@ def _q3_imatrix_scales(block, importance, levels, sub_scales, weight, sub_weight
             total_weight += weight[i]
         sub_weights[j] = total_weight
         sub = slice(start, start + SUB)
-        sub_scales[j] = make_qx_quants(_Q3_NMAX, block[sub], levels[sub], 1, weight)
-    return make_qx_quants(_Q3_SCALE_NMAX, sub_scales, scale_levels, 1, sub_weights)
+        sub_scales[j] = make_qx_quants(Q3_NMAX, block[sub], levels[sub], 1, weight)
+    return make_qx_quants(Q3_SCALE_NMAX, sub_scales, scale_levels, 1, sub_weights)
 
 
 @njit(cache=True)
-def _pack_q3_block(block, d, scale_levels, levels, divisors, out, offset):
+def pack_q3_block(block, d, scale_levels, levels, divisors, out, offset):
     """Store scales and d, re-quantize against their decoded values, pack the levels."""
     _pack_q3_scales(scale_levels, out, offset + _Q3_SCALES)
     store_fp16(out, offset + _Q3_D, d)
     d_stored = load_fp16(out, offset + _Q3_D)
-    _requantize(block, d_stored, scale_levels, _Q3_SCALE_NMAX, _Q3_NMAX, levels, divisors)
+    _requantize(block, d_stored, scale_levels, Q3_SCALE_NMAX, Q3_NMAX, levels, divisors)
     _pack_q3_levels(levels, out, offset)
 
 
@@ -193,7 +193,7 @@ def quantize_row_q3_k(x, imatrix, out):
             d = _q3_imatrix_scales(block, importance, levels, sub_scales, weight, sub_weights, scale_levels)
         else:
             d = _q3_ref_scales(block, levels, sub_scales, scale_levels)
-        _pack_q3_block(block, d, scale_levels, levels, divisors, out, b * _Q3_K_BYTES)
+        pack_q3_block(block, d, scale_levels, levels, divisors, out, b * _Q3_K_BYTES)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
@@ -202,9 +202,9 @@ def dequantize_row_q3_k(q, out):
         offset = b * _Q3_K_BYTES
         d = load_fp16(q, offset + _Q3_D)
         for j in range(N_SUB):
-            sub_d = d * F32(_q3_scale_level(q, offset + _Q3_SCALES, j) - _Q3_SCALE_NMAX)
+            sub_d = d * F32(_q3_scale_level(q, offset + _Q3_SCALES, j) - Q3_SCALE_NMAX)
             for e in range(j * SUB, (j + 1) * SUB):
-                out[b * QK_K + e] = sub_d * F32(_q3_level(q, offset, e) - _Q3_NMAX)
+                out[b * QK_K + e] = sub_d * F32(_q3_level(q, offset, e) - Q3_NMAX)
 
 
 # ---------------------------------------------------------------- Q6_K
@@ -221,7 +221,7 @@ def _q6_scales(block, importance, levels, sub_scales, scale_levels):
     for j in range(N_SUB):
         sub = slice(j * SUB, (j + 1) * SUB)
         weights = importance[sub] if importance.size else importance
-        sub_scales[j] = make_qx_quants(_Q6_NMAX, block[sub], levels[sub], 1, weights)
+        sub_scales[j] = make_qx_quants(Q6_NMAX, block[sub], levels[sub], 1, weights)
     max_scale, _ = signed_max(sub_scales)
     if abs(max_scale) < GROUP_MAX_EPS:
         return ZERO
@@ -260,13 +260,13 @@ def _q6_level(row, offset, e):
 
 
 @njit(cache=True)
-def _pack_q6_block(block, d, scale_levels, levels, divisors, out, offset):
+def pack_q6_block(block, d, scale_levels, levels, divisors, out, offset):
     """Store scales and d, re-quantize against their decoded values, pack the levels."""
     for j in range(N_SUB):
         out[offset + _Q6_SCALES + j] = np.uint8(np.int64(scale_levels[j]) & 0xFF)
     store_fp16(out, offset + _Q6_D, d)
     d_stored = load_fp16(out, offset + _Q6_D)
-    _requantize(block, d_stored, scale_levels, 0, _Q6_NMAX, levels, divisors)
+    _requantize(block, d_stored, scale_levels, 0, Q6_NMAX, levels, divisors)
     _pack_q6_levels(levels, out, offset)
 
 
@@ -285,7 +285,7 @@ def quantize_row_q6_k(x, imatrix, out):
         if d == ZERO:
             out[offset:offset + _Q6_K_BYTES] = 0
         else:
-            _pack_q6_block(block, d, scale_levels, levels, divisors, out, offset)
+            pack_q6_block(block, d, scale_levels, levels, divisors, out, offset)
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
@@ -296,7 +296,7 @@ def dequantize_row_q6_k(q, out):
         for j in range(N_SUB):
             sub_d = d * F32(np.int8(q[offset + _Q6_SCALES + j]))
             for e in range(j * SUB, (j + 1) * SUB):
-                out[b * QK_K + e] = sub_d * F32(_q6_level(q, offset, e) - _Q6_NMAX)
+                out[b * QK_K + e] = sub_d * F32(_q6_level(q, offset, e) - Q6_NMAX)
 
 
 KERNELS = {
