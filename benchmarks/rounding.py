@@ -32,11 +32,11 @@ from bpwopt.quality.guarantee import paired_difference
 from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.quant import codec
-from bpwopt.quant.kernels import best_rounding
+from bpwopt.quant.kernels import best_rounding, best_rounding_super
 from bpwopt.quant.types import get_quant_type
 from bpwopt.source.rows import rows_to_float, tensor_rows
 
-TYPES = [t.name for t in best_rounding.KERNELS]
+TYPES = [t.name for t in best_rounding.KERNELS | best_rounding_super.KERNELS]
 ROWS_PER_TENSOR = 64
 
 
