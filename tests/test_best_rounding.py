@@ -101,7 +101,7 @@ def test_a_state_from_before_the_option_was_measured_with_ggml_rounding(tmp_path
 
 @pytest.mark.slow
 def test_the_state_measures_and_the_file_holds_the_rounding_asked_for(demo_model_path, tmp_path, capsys):
-    candidates = "Q4_0,Q5_0,Q8_0"
+    candidates = "Q4_0,Q5_0,Q8_0,Q4_K,Q6_K"  # blocks of 32 and super-blocks (ffn_down's 1536-wide rows)
     common = ["--allow-requantize", "--quiet", "--sample-rows", "8", "--candidates", candidates, "--json"]
     states = {rounding: tmp_path / f"{rounding}.bpw_state" for rounding in ("ggml", "best")}
     out = tmp_path / "best.gguf"
@@ -120,9 +120,9 @@ def test_the_state_measures_and_the_file_holds_the_rounding_asked_for(demo_model
     reader = gguf.GGUFReader(out)
     assert reader.fields["bpwopt.rounding"].contents() == "best"
     source = {t.name: t for t in gguf.GGUFReader(demo_model_path).tensors}
-    written = [t for t in reader.tensors if t.tensor_type.name in candidates.split(",")]
-    assert written
-    for tensor in written[:3]:  # the bytes are the best kernel's, not ggml's
+    written = {t.tensor_type.name: t for t in reader.tensors if t.tensor_type.name in candidates.split(",")}
+    assert {"Q4_K", "Q6_K"} & written.keys() and {"Q4_0", "Q5_0", "Q8_0"} & written.keys()
+    for tensor in written.values():  # the bytes are the best kernel's, not ggml's
         rows = gguf.quants.dequantize(source[tensor.name].data, source[tensor.name].tensor_type)
         best = codec.quantize(np.ascontiguousarray(rows), tensor.tensor_type, rounding="best")
         np.testing.assert_array_equal(np.asarray(tensor.data).reshape(best.shape), best)
