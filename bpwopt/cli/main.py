@@ -63,8 +63,8 @@ SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
 DEBUG_VARIABLE = "BPWOPT_DEBUG"
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of bpwopt's, not the user's
 ROUNDING_HELP = (
-    "ggml (default): the bytes llama-quantize writes; best: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 and IQ4_NL blocks with "
-    "the least imatrix-weighted error the format allows (same format, any llama.cpp loads it), other types as ggml"
+    "ggml (default): the bytes llama-quantize writes; best: blocks of every quantized type with less "
+    "imatrix-weighted error than ggml's where a search finds them (same format, any llama.cpp loads it)"
 )
 _DEBUG_HELP = f"show the full traceback of an internal error (also {DEBUG_VARIABLE}=1)"
 _DEFAULT_NAMES = [t.name for t in DEFAULT_CANDIDATES]
