@@ -77,7 +77,7 @@ def sampled_rows(base: Path) -> dict[str, np.ndarray]:
             continue
         raw = tensor_rows(tensor)
         picked = np.random.default_rng(len(rows)).choice(raw.shape[0], min(ROWS_PER_TENSOR, raw.shape[0]), False)
-        rows[tensor.name] = np.ascontiguousarray(rows_to_float(raw[np.sort(picked)], tensor.tensor_type))
+        rows[tensor.name] = np.ascontiguousarray(rows_to_float(raw[np.sort(picked)], tensor.tensor_type, tensor.name))
     return rows
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -62,6 +64,23 @@ def save_gguf(writer: gguf.GGUFWriter) -> None:
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
+
+
+def write_one_block_model(path: Path, rows: int = 8) -> Path:
+    """A llama GGUF of one block: an F16 embedding, F32 norms, and two 256-wide weights of `rows` rows."""
+    rng = np.random.default_rng(11)
+    writer = gguf.GGUFWriter(path, arch="llama")
+    writer.add_block_count(1)
+    writer.add_embedding_length(256)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(4)
+    writer.add_tensor("token_embd.weight", rng.standard_normal((16, 256)).astype(np.float16))
+    writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
+    writer.add_tensor("blk.0.attn_q.weight", rng.standard_normal((rows, 256)).astype(np.float32))
+    writer.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((rows, 256)).astype(np.float32))
+    writer.add_tensor("output_norm.weight", np.ones(256, np.float32))
+    save_gguf(writer)
+    return path
 
 
 def make_imatrix(n_per_row: int, seed: int = 1) -> np.ndarray:

@@ -103,7 +103,7 @@ def test_perturbed_file_has_the_relative_error_in_each_tensor(demo_model_path, t
     written = {t.name: t for t in open_gguf(tmp_path / "p.gguf").tensors}
     for tensor in reader.tensors:
         if tensor.name in names:
-            source = rows_to_float(tensor_rows(tensor), Q(tensor.tensor_type))
+            source = rows_to_float(tensor_rows(tensor), Q(tensor.tensor_type), tensor.name)
             assert written[tensor.name].tensor_type == Q.F32
             perturbed = np.asarray(written[tensor.name].data).reshape(source.shape)
             assert relative_error(source, perturbed, weights[tensor.name][None]) == pytest.approx(2e-3, rel=1e-5)
@@ -167,7 +167,7 @@ def test_quant_probe_perturbs_each_tensor_by_the_error_the_state_measured_for_it
     for tensor in reader.tensors:
         if tensor.name not in names:
             continue
-        source = rows_to_float(tensor_rows(tensor), Q(tensor.tensor_type))
+        source = rows_to_float(tensor_rows(tensor), Q(tensor.tensor_type), tensor.name)
         perturbed = np.asarray(written[tensor.name].data).reshape(source.shape)
         plain = relative_error(source, perturbed, None)
         record = records[tensor.name]

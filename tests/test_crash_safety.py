@@ -38,7 +38,8 @@ import pytest
 from bpwopt.cli.main import main
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.gguf_reader import LazyGGUFReader
-from bpwopt.formats.gguf_writer import TensorSlot, temporary_path, write_gguf
+from bpwopt.formats.gguf_writer import TensorSlot, write_gguf
+from bpwopt.formats.output_paths import temporary_path
 
 pytestmark = pytest.mark.slow  # kill tests on the demo model
 
@@ -81,11 +82,11 @@ class Kill:
     temporary_bytes: int  # size of the OUT.tmp this run wrote, after the kill (0: it wrote none)
 
 
-def kill_when(child: subprocess.Popen, ready: Callable[[], bool]) -> bool:
-    """SIGKILL the child as soon as ready() holds; False when it finished first."""
+def kill_when(child: subprocess.Popen, ready: Callable[[], bool], signum: int = signal.SIGKILL) -> bool:
+    """Send the child signum (SIGKILL unless told) as soon as ready() holds; False when it finished first."""
     while child.poll() is None:
         if ready():
-            os.kill(child.pid, signal.SIGKILL)
+            os.kill(child.pid, signum)
             child.wait()
             return True
         time.sleep(0.02)
@@ -180,6 +181,42 @@ def test_kill_9_while_measuring_and_writing_loses_nothing(demo_model_path, unint
     assert resumed["predicted_error"] == pytest.approx(uninterrupted["predicted_error"], rel=1e-12)
     assert file_types(out) == expected and out.stat().st_size == uninterrupted["file_bytes"]
     assert sorted(path.name for path in tmp_path.iterdir()) == ["S.bpw_state", "out.gguf"]
+
+
+def test_sigint_and_sigterm_stop_cleanly_while_measuring_and_writing(demo_model_path, uninterrupted, tmp_path):
+    """Ctrl-C and SIGTERM at random moments: one line, 130 / 143, no temporary, the output and measurements kept."""
+    expected, total_measurements = plan_types(uninterrupted), uninterrupted["measured"]
+    state, out = tmp_path / "S.bpw_state", tmp_path / "out.gguf"
+    out.write_bytes(b"the user's previous output")
+    command = [sys.executable, "-m", "bpwopt.cli", *RUN, "--state-file", str(state), str(demo_model_path), str(out)]
+    environment = {**os.environ, "PYTHONPATH": str(REPO)}
+    rng = np.random.default_rng(SEED + 1)
+    lines = {signal.SIGINT: "bpwopt: interrupted by SIGINT", signal.SIGTERM: "bpwopt: terminated by SIGTERM"}
+    schedule = [("measuring", signal.SIGINT), ("measuring", signal.SIGTERM)]
+    schedule += [("writing", signal.SIGINT), ("writing", signal.SIGTERM)]
+    for phase, signum in schedule:
+        before = stored_measurements(state)
+        if phase == "measuring":  # after one to a third of the measurements this run makes, then up to 0.3 s more
+            point = min(before + 1 + int(rng.integers(0, total_measurements // 3)), total_measurements)
+            ready = after_measurement(state, point, rng.uniform(0.0, 0.3))
+        else:
+            ready = while_writing(out, rng.uniform(0.0, 1.0) * uninterrupted["file_bytes"])
+        child = subprocess.Popen(  # SIGINT as a terminal sends it, even where the test runner ignores it
+            command, env=environment, stderr=subprocess.PIPE, text=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
+        assert kill_when(child, ready, signum), "the run finished before the signal"
+        assert (child.returncode, child.stderr.read().splitlines()) == (128 + signum, [lines[signum]])
+        assert out.read_bytes() == b"the user's previous output"
+        assert sorted(path.name for path in tmp_path.iterdir()) == ["S.bpw_state", "out.gguf"]  # no .tmp, no -wal
+        with contextlib.closing(sqlite3.connect(state)) as db:
+            assert db.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
+        assert stored_measurements(state) >= max(before, 1)
+
+    kept = stored_measurements(state)
+    resumed = run_json("--state-file", state, demo_model_path, out)
+    assert plan_types(resumed) == expected and (resumed["measured"], resumed["reused"]) == (0, kept)
+    assert file_types(out) == expected and out.stat().st_size == uninterrupted["file_bytes"]
 
 
 def test_a_second_writer_of_the_same_output_is_refused_and_the_first_finishes(tmp_path):

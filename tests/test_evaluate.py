@@ -210,7 +210,7 @@ def test_off_grid_weights_stay_within_half_a_step_of_the_source(source_reader, o
             continue
         assert out.tensor_type == GGMLQuantizationType.F16
         raw = tensor_rows(tensor)[:64]  # the first rows of every tensor: enough, and fast
-        before = rows_to_float(raw, tensor.tensor_type)
+        before = rows_to_float(raw, tensor.tensor_type, tensor.name)
         after = np.asarray(out.data)[:64].astype(np.float32).reshape(before.shape)
         half_ulp = np.abs(after) * 2.0**-11  # the rounding to float16
         assert (np.abs(after - before) <= grid_steps(raw, tensor.tensor_type) / 2 + half_ulp + 1e-12).all()
@@ -222,7 +222,7 @@ def test_off_grid_weights_are_not_on_the_source_grid(source_reader, off_grid_rea
     name = "blk.3.ffn_up.weight"
     source = next(t for t in source_reader.tensors if t.name == name)
     moved = next(t for t in off_grid_reader.tensors if t.name == name)
-    before = rows_to_float(tensor_rows(source), source.tensor_type)
+    before = rows_to_float(tensor_rows(source), source.tensor_type, source.name)
     after = np.asarray(moved.data).astype(np.float32).reshape(before.shape)
 
     def q4_1_roundtrip_error(x: np.ndarray) -> float:
@@ -260,7 +260,7 @@ def test_a_smaller_spread_keeps_weights_closer_to_the_grid(tmp_path):
     make_off_grid(source, tmp_path / "half.gguf", out_type="F32", spread=0.5)
     tensor = next(t for t in gguf.GGUFReader(source).tensors if t.name == "blk.0.ffn_up.weight")
     moved = next(t for t in gguf.GGUFReader(tmp_path / "half.gguf").tensors if t.name == tensor.name)
-    before = rows_to_float(tensor_rows(tensor), tensor.tensor_type)
+    before = rows_to_float(tensor_rows(tensor), tensor.tensor_type, tensor.name)
     distance = np.abs(np.asarray(moved.data).reshape(before.shape) - before)
     step = grid_steps(tensor_rows(tensor), tensor.tensor_type)
     assert (distance <= step / 4 + 1e-6).all()

@@ -89,15 +89,20 @@ def tiny_model(path: Path, *, with_tensors: bool = True) -> None:
     save_gguf(writer)
 
 
-def gguf_imatrix(path: Path, entries: dict[str, np.ndarray], *, dtype=np.float32, metadata: bool = True) -> None:
-    """llama-imatrix's GGUF: <name>.in_sum2 (n_expert, n_per_row) and <name>.counts (n_expert, 1)."""
+def gguf_imatrix(
+    path: Path, entries: dict[str, np.ndarray], *, dtype=np.float32, metadata: bool = True, rows: int = 1
+) -> None:
+    """llama-imatrix's GGUF: <name>.in_sum2 (n_expert, n_per_row) and <name>.counts (n_expert, 1).
+
+    rows: the rows each entry's sums are laid out in (1 for a dense tensor's).
+    """
     writer = gguf.GGUFWriter(path, arch="imatrix")
     if metadata:
         writer.add_array("imatrix.datasets", ["calibration.txt"])
         writer.add_uint32("imatrix.chunk_count", 10)
         writer.add_uint32("imatrix.chunk_size", 512)
     for name, sums in entries.items():
-        writer.add_tensor(f"{name}.in_sum2", sums[None, :].astype(dtype))
+        writer.add_tensor(f"{name}.in_sum2", sums.reshape(rows, -1).astype(dtype))
         writer.add_tensor(f"{name}.counts", np.array([[4.0]], dtype))
     save_gguf(writer)
 
@@ -323,6 +328,8 @@ def model_cases() -> list[Case]:
     cases.append(model_case("a NaN in an F32 weight, inspected and planned", nan_weight, "ok", (INSPECT, DRY_RUN)))
     inf_embedding = patched(base, fields["tensor0.data"] + 2 * 77, "<e", float("inf"))
     cases.append(model_case("an infinity in the F16 embedding", inf_embedding, runs=(WRITE, MEASURE)))
+    nan_norm = patched(base, fields["tensor1.data"] + 4 * 9, "<f", float("nan"))  # a norm: copied, never quantized
+    cases.append(model_case("a NaN in a copied F32 norm", nan_norm, runs=(WRITE,)))
     cases.append(model_case("a directory", b"", runs=(("inspect", "."), ("--quiet", "--dry-run", ".", "Q8_0"))))
     cases.append(model_case("missing", b"", runs=(("inspect", "absent.gguf"), ("--quiet", "absent.gguf", OUT, "Q8_0"))))
     cases.append(model_case("the imatrix given as the model", IMATRIX_BYTES, runs=(DRY_RUN,)))
@@ -348,6 +355,13 @@ def imatrix_cases() -> list[Case]:
     sums = fields["tensor0.data"]
     for label, value in (("a NaN", float("nan")), ("an infinity", float("inf")), ("a negative sum", -1.0)):
         cases.append(gguf_case(f"{label} in in_sum2", patched(IMATRIX_BYTES, sums + 40, "<f", value)))
+    counts = fields["tensor1.data"]  # the first entry's only count
+    for label, value in (("a NaN", float("nan")), ("a negative", -4.0)):
+        cases.append(gguf_case(f"{label} count", patched(IMATRIX_BYTES, counts, "<f", value)))
+    no_input = patched(IMATRIX_BYTES, counts, "<f", 0.0)
+    cases.append(gguf_case("a count of 0 (tolerated: weights of 1, as in llama.cpp)", no_input, "ok"))
+    halves = written_bytes(lambda p: gguf_imatrix(p, IMATRIX_ENTRIES, rows=2))  # right size, one count for 2 rows
+    cases.append(gguf_case("sums in 2 rows with 1 count", halves))
     cases.append(
         gguf_case("sums without counts", replaced(IMATRIX_BYTES, b"attn_k.weight.counts", b"attn_k.weight.countz"))
     )
@@ -391,6 +405,7 @@ def imatrix_cases() -> list[Case]:
     trailer = len(base) - (8 + len(b"calibration.txt"))
     for cut in (trailer, trailer + 4, trailer + 8):  # chunk count and dataset name are optional, as in llama.cpp
         cases.append(legacy_case(f"no trailer after byte {cut} (tolerated)", base[:cut], expected="ok"))
+    cases.append(legacy_case("a negative ncall", patched(base, first["ncall"], "<i", -3)))
     cases.append(
         legacy_case("an ncall of 0 (tolerated: sums used as they are)", patched(base, first["ncall"], "<i", 0), "ok")
     )
@@ -808,6 +823,13 @@ def test_error_messages_name_the_problem(valid_inputs, tmp_path, monkeypatch):
     assert "has data offset" in message("gguf model: last tensor's data offset moved by 4")
     assert "another model" in message("imatrix (.dat): entries of another model")
     assert "negative values" in message("imatrix (GGUF): a negative sum in in_sum2")
+    assert "tensor 'blk.0.attn_q.weight' has invalid data: NaN or infinite values" in message(
+        "gguf model: a NaN in an F32 weight"
+    )
+    assert "tensor 'blk.0.attn_norm.weight' has invalid data" in message("gguf model: a NaN in a copied F32 norm")
+    assert "has a negative or non-finite count" in message("imatrix (GGUF): a NaN count")
+    assert "has 1 counts for 2 rows of sums" in message("imatrix (GGUF): sums in 2 rows with 1 count")
+    assert "collected -3 times" in message("imatrix (.dat): a negative ncall")
     assert "was measured for another model" in message("state file: measured for another model")
     assert "it has a trigger" in message("state file: a trigger that aborts inserts")
     assert "repetition number is too large" in message("command line: --ignore 'a{99999999999}'")

@@ -23,12 +23,10 @@ import sys
 import textwrap
 from pathlib import Path
 
-import gguf
-import numpy as np
 import pytest
 
 from bpwopt.cli.main import main
-from tests.conftest import save_gguf
+from tests.conftest import write_one_block_model as write_model
 
 pytestmark = pytest.mark.slow  # full disks and truncated inputs while measuring the demo model
 
@@ -67,11 +65,11 @@ CHILD = textwrap.dedent("""
     elif fault == "pause-in-read":  # wait for the parent in the middle of reading a 512-row tensor
         import bpwopt.measure.measure, bpwopt.write.model_writer
         original = bpwopt.write.model_writer.rows_to_float
-        def pausing(raw_rows, source_type):
+        def pausing(raw_rows, source_type, name):
             if raw_rows.shape[0] >= 512:
                 print("paused", flush=True)
                 sys.stdin.readline()
-            return original(raw_rows, source_type)
+            return original(raw_rows, source_type, name)
         bpwopt.write.model_writer.rows_to_float = bpwopt.measure.measure.rows_to_float = pausing
     sys.exit(main(argv))
 """)
@@ -110,23 +108,6 @@ def stored_measurements(state: Path) -> int:
         return db.execute("SELECT count(*) FROM measurements").fetchone()[0]
 
 
-def write_model(path: Path, rows: int = 8) -> Path:
-    """A llama GGUF of one block: an F16 embedding, F32 norms, and two 256-wide weights of `rows` rows."""
-    rng = np.random.default_rng(11)
-    writer = gguf.GGUFWriter(path, arch="llama")
-    writer.add_block_count(1)
-    writer.add_embedding_length(256)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(4)
-    writer.add_tensor("token_embd.weight", rng.standard_normal((16, 256)).astype(np.float16))
-    writer.add_tensor("blk.0.attn_norm.weight", np.ones(256, np.float32))
-    writer.add_tensor("blk.0.attn_q.weight", rng.standard_normal((rows, 256)).astype(np.float32))
-    writer.add_tensor("blk.0.ffn_up.weight", rng.standard_normal((rows, 256)).astype(np.float32))
-    writer.add_tensor("output_norm.weight", np.ones(256, np.float32))
-    save_gguf(writer)
-    return path
-
-
 @pytest.fixture
 def read_only(tmp_path):
     """A directory holding a previous output, made read-only for the test."""
@@ -142,18 +123,28 @@ def test_read_only_output_directory_keeps_the_previous_output(tmp_path, read_onl
     model = write_model(tmp_path / "model.gguf")
     status, stderr = run_child("read-only", "--quiet", model, read_only / "out.gguf", "Q8_0")
     assert status == 1
-    assert one_error_line(stderr) == f"bpwopt: error: cannot write {read_only}/out.gguf: Permission denied"
+    assert one_error_line(stderr) == (
+        f"bpwopt: error: cannot write {read_only}/out.gguf: Permission denied (its temporary goes in {read_only})"
+    )
     assert sorted(os.listdir(read_only)) == ["out.gguf"] and (read_only / "out.gguf").read_bytes() == PREVIOUS
 
 
-def test_read_only_output_directory_after_measuring_keeps_every_measurement(tmp_path, read_only):
+def test_read_only_output_directory_is_refused_before_measuring(tmp_path, read_only):
     model, state = write_model(tmp_path / "model.gguf"), tmp_path / "run.bpw_state"
     status, stderr = run_child("read-only", *OPTIMIZE, "--state-file", state, model, read_only / "out.gguf")
     assert status == 1 and "Permission denied" in one_error_line(stderr)
     assert (read_only / "out.gguf").read_bytes() == PREVIOUS and sorted(os.listdir(read_only)) == ["out.gguf"]
-    measured = stored_measurements(state)
-    rerun = run_json(*OPTIMIZE, "--state-file", state, model, tmp_path / "out.gguf")
-    assert (rerun["measured"], rerun["reused"]) == (0, measured)
+    assert not state.exists()  # nothing measured, nothing created
+
+
+def test_an_output_the_user_cannot_write_is_refused_before_measuring(tmp_path):
+    model, state, out = write_model(tmp_path / "model.gguf"), tmp_path / "run.bpw_state", tmp_path / "out.gguf"
+    out.write_bytes(PREVIOUS)
+    out.chmod(0o444)
+    status, stderr = run_child("read-only", *OPTIMIZE, "--state-file", state, model, out)
+    assert status == 1
+    assert one_error_line(stderr) == f"bpwopt: error: cannot write {out}: Permission denied"
+    assert out.read_bytes() == PREVIOUS and not state.exists()
 
 
 def test_read_only_state_directory_is_refused_before_measuring(tmp_path, read_only):

@@ -289,7 +289,7 @@ def test_what_is_not_a_state_file_is_refused_and_left_untouched(tmp_path, make_c
 
 
 def test_a_directory_is_not_a_state_file(tmp_path):
-    with pytest.raises(BpwoptError, match="is not a bpwopt state file"):
+    with pytest.raises(BpwoptError, match="is a directory, not a state file"):
         StateFile.open(tmp_path, IDENTITY)
 
 

@@ -4,6 +4,7 @@ No algorithm lives here. A BpwoptError (something the user can fix) becomes
 one line on stderr and exit status 1; argparse's own usage errors exit 2. Any
 other exception is a bug of ours: one line names it and where its traceback
 was saved, exit status 70; `--debug` (or BPWOPT_DEBUG=1) shows the traceback.
+SIGINT and SIGTERM are one line too, exit status 130 and 143 (`signals`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import signal
 import sys
 import traceback
 from dataclasses import dataclass, replace
@@ -23,6 +25,7 @@ from gguf import GGMLQuantizationType, GGUFValueType
 
 from bpwopt import __version__
 from bpwopt.cli.config import config_argv
+from bpwopt.cli.signals import STOPPED_BY, Terminated, sigterm_raises, stopping_signal
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import cache_dir
 from bpwopt.formats.splits import SPLIT_KEYS
@@ -572,28 +575,35 @@ def _add_run_options(parser: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
-        if argv and argv[0] in SUBCOMMANDS:
-            args = build_parser().parse_args(argv)
-        else:
-            args = parse_quantize_args(argv)  # a bad --config file is a BpwoptError, caught below
-            args.run = _quantize
-        args.run(args)
+        with sigterm_raises():
+            if argv and argv[0] in SUBCOMMANDS:
+                args = build_parser().parse_args(argv)
+            else:
+                args = parse_quantize_args(argv)  # a bad --config file is a BpwoptError, caught below
+                args.run = _quantize
+            args.run(args)
     except BpwoptError as error:
         print(f"bpwopt: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("bpwopt: interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as error:
+        return _stopped(stopping_signal(error))
     except BrokenPipeError:
         # A reader such as `head` closed stdout early; that is not an error of ours.
         sys.stdout = None
         return 0
     except Exception as error:
+        if stopping_signal(error) is not None:
+            return _stopped(stopping_signal(error))
         if _debugging(argv):
             raise
         print(f"bpwopt: internal error: {_one_line(error)}; {_save_traceback(error)}", file=sys.stderr)
         return EXIT_INTERNAL_ERROR
     return 0
+
+
+def _stopped(signum: signal.Signals) -> int:
+    print(f"bpwopt: {STOPPED_BY[signum]}", file=sys.stderr)
+    return 128 + signum
 
 
 def _debugging(argv: list[str]) -> bool:

@@ -2,9 +2,11 @@
 
 Target types are known before any data is written, so every size and offset
 is too: the header goes out first and tensor data follows slab by slab, so
-peak memory stays near one slab, not the model. Everything goes to
-`OUT.tmp` beside the output, is fsynced, and is renamed over OUT only when
-complete; on any failure the temporary file is removed and OUT is untouched.
+peak memory stays near one slab, not the model. A regular file goes to
+`OUT.tmp` beside the output (beside the file a symbolic link names), is
+fsynced, and is renamed over OUT only when complete; on any failure the
+temporary file is removed and OUT is untouched. A character device or FIFO
+(/dev/null, a pipe) is written through (`bpwopt.formats.output_paths`).
 OUT.tmp is locked while written: a second writer of the same OUT is refused,
 and a temporary left behind by a killed run is taken over by the next one.
 The shards of a split model are written as one unit (`write_gguf_files`).
@@ -27,6 +29,7 @@ from gguf import GGUFValueType
 
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import fsync_path
+from bpwopt.formats.output_paths import OutputPath, temporary_path, writable_output
 
 GGUF_VERSION = 3
 DEFAULT_ALIGNMENT = 32
@@ -99,10 +102,6 @@ def _header(kv_entries: list[bytes], slots: list[TensorSlot], alignment: int) ->
     return header + bytes(_padding(len(header), alignment))
 
 
-def temporary_path(path: Path) -> Path:
-    return path.with_name(path.name + ".tmp")
-
-
 @dataclass(frozen=True)
 class GGUFLayout:
     """One output file as known before any tensor is produced: metadata entries, tensor slots, alignment."""
@@ -141,32 +140,36 @@ def write_gguf_files(
 ) -> int:
     """Write layouts[f] to paths[f] as one unit, the first file being the one a reader opens; returns total bytes.
 
-    produce(f, i) yields the data of layouts[f].slots[i]. Every file goes to
-    its own locked PATH.tmp and none is renamed before all are complete. With
-    several files (a split model's shards) the old first file is then
-    removed, the others renamed into place, and the first renamed last: a run
-    killed in between leaves later shards without a first one, which neither
-    llama.cpp nor bpwopt can open (both open a split model by its first
-    shard), never a first shard next to shards of another run. Re-running
-    the command completes the set.
+    produce(f, i) yields the data of layouts[f].slots[i]. Every regular file
+    goes to its own locked PATH.tmp (beside the file a symbolic link names)
+    and none is renamed before all are complete; a character device or FIFO
+    is written through (bpwopt.formats.output_paths). With several files (a
+    split model's shards) the old first file is then removed, the others
+    renamed into place, and the first renamed last: a run killed in between
+    leaves later shards without a first one, which neither llama.cpp nor
+    bpwopt can open (both open a split model by its first shard), never a
+    first shard next to shards of another run. Re-running the command
+    completes the set.
     """
-    for path in paths:
-        _check_output_path(path)
-    temporaries = [temporary_path(path) for path in paths]
-    handles: list = []  # open (and so locked) temporaries, in order; closing one releases its lock
-    current = paths[0]
+    targets = [writable_output(path) for path in paths]
+    replaced = [target for target in targets if not target.stream]
+    handles: list = []  # open (and so locked) outputs, in order; closing a temporary releases its lock
+    current = targets[0].requested
     try:
-        for path, temporary in zip(paths, temporaries, strict=True):
-            current = path
-            handles.append(os.fdopen(_locked_temporary(temporary, path), "wb"))
+        for target in targets:
+            current = target.requested
+            handles.append(_open_output(target))
         total = 0
-        for index, (path, layout, handle) in enumerate(zip(paths, layouts, handles, strict=True)):
-            current = path
-            total += _write_file(handle, layout, lambda slot, file=index: produce(file, slot), on_tensor_done)
-        _rename_into_place(temporaries, list(paths))  # under the locks: no other writer can be taking these over
+        for index, (target, layout, handle) in enumerate(zip(targets, layouts, handles, strict=True)):
+            current = target.requested
+            total += _write_file(handle, layout, lambda slot, file=index: produce(file, slot), on_tensor_done,
+                                 durable=not target.stream)  # fmt: skip
+        current = targets[0].requested
+        _rename_into_place(replaced)  # under the locks: no other writer can be taking these over
     except BaseException as error:
-        for temporary in temporaries[: len(handles)]:
-            _discard(temporary)  # before the locks go: what is removed is ours
+        for target in targets[: len(handles)]:
+            if not target.stream:
+                _discard(temporary_path(target.path))  # before the locks go: what is removed is ours
         for handle in handles:
             with contextlib.suppress(OSError):  # a full disk fails the flush at close again
                 handle.close()
@@ -174,17 +177,20 @@ def write_gguf_files(
             raise BpwoptError(f"cannot write {current}: {error.strerror or error}") from error
         raise
     for handle in handles:
-        handle.close()
-    for directory in dict.fromkeys(path.parent for path in paths):
+        handle.close()  # a device's last buffered bytes fail here, if anywhere
+    for directory in dict.fromkeys(target.path.parent for target in replaced):
         fsync_path(directory)
     return total
 
 
-def _check_output_path(path: Path) -> None:
-    if path.is_dir() or not path.name:  # `.`, `..`, `/`: there is no file name to write to
-        raise BpwoptError(f"{path}: is a directory, not an output file")
-    if not path.parent.is_dir():
-        raise BpwoptError(f"{path.parent}: output directory does not exist")
+def _open_output(target: OutputPath):
+    """A binary file object to write target's bytes to: the device or FIFO itself, else PATH.tmp, locked."""
+    if target.stream:
+        try:
+            return open(target.path, "wb", buffering=1 << 20)  # closed by write_gguf_files
+        except OSError as error:
+            raise BpwoptError(f"cannot write {target.requested}: {error.strerror or error}") from error
+    return os.fdopen(_locked_temporary(temporary_path(target.path), target.requested), "wb")
 
 
 def _write_file(
@@ -192,30 +198,41 @@ def _write_file(
     layout: GGUFLayout,
     produce: Callable[[int], Iterable[bytes | np.ndarray]],
     on_tensor_done: Callable[[TensorSlot], None] | None,
+    durable: bool = True,
 ) -> int:
-    """Header, then every tensor padded to the alignment, then fsync; returns the file's bytes."""
-    handle.write(_header(layout.kv_entries, layout.slots, layout.alignment))
+    """Header, then every tensor padded to the alignment, then (durable) fsync; returns the bytes written.
+
+    The bytes are counted, not asked of the file: a FIFO has no position.
+    """
+    header = _header(layout.kv_entries, layout.slots, layout.alignment)
+    handle.write(header)
+    total = len(header)
     for index, slot in enumerate(layout.slots):
         written = sum(_write_piece(handle, piece) for piece in produce(index))
         if written != slot.nbytes:
             raise BpwoptError(f"internal error: {slot.name} produced {written} bytes, expected {slot.nbytes}")
-        handle.write(bytes(_padding(written, layout.alignment)))
+        padding = _padding(written, layout.alignment)
+        handle.write(bytes(padding))
+        total += written + padding
         if on_tensor_done:
             on_tensor_done(slot)
     handle.flush()
-    os.fsync(handle.fileno())
-    return handle.tell()
+    if durable:
+        os.fsync(handle.fileno())
+    return total
 
 
-def _rename_into_place(temporaries: list[Path], paths: list[Path]) -> None:
+def _rename_into_place(targets: list[OutputPath]) -> None:
     """Publish complete temporaries; with several files the first appears only once all others have."""
-    if len(paths) > 1:
-        _discard(paths[0])
-        for temporary, path in zip(temporaries[1:], paths[1:], strict=True):
-            os.replace(temporary, path)
-        for directory in dict.fromkeys(path.parent for path in paths):
+    if not targets:
+        return
+    if len(targets) > 1:
+        _discard(targets[0].path)
+        for target in targets[1:]:
+            os.replace(temporary_path(target.path), target.path)
+        for directory in dict.fromkeys(target.path.parent for target in targets):
             fsync_path(directory)  # the later shards are durable before the first one exists
-    os.replace(temporaries[0], paths[0])
+    os.replace(temporary_path(targets[0].path), targets[0].path)
 
 
 def _locked_temporary(temporary: Path, path: Path) -> int:

@@ -64,12 +64,14 @@ class Imatrix:
 
 
 def _load_gguf_imatrix(path: Path, reader: gguf.GGUFReader) -> Imatrix:
-    sums, counts = {}, {}
+    sums, sum_rows, counts = {}, {}, {}
     for tensor in reader.tensors:
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32:
             raise BpwoptError(f"{path}: imatrix tensor {tensor.name} is {tensor.tensor_type.name}, not F32")
         if tensor.name.endswith(_SUM_SUFFIX):
-            sums[tensor.name.removesuffix(_SUM_SUFFIX)] = np.asarray(tensor.data, dtype=np.float32).ravel()
+            name = tensor.name.removesuffix(_SUM_SUFFIX)
+            sums[name] = np.asarray(tensor.data, dtype=np.float32).ravel()
+            sum_rows[name] = sums[name].size // max(1, int(tensor.shape[0]))  # one row of sums per expert
         elif tensor.name.endswith(_COUNT_SUFFIX):
             counts[tensor.name.removesuffix(_COUNT_SUFFIX)] = np.asarray(tensor.data, dtype=np.float32).ravel()
     if not sums:
@@ -79,9 +81,13 @@ def _load_gguf_imatrix(path: Path, reader: gguf.GGUFReader) -> Imatrix:
         raise BpwoptError(f"{path}: imatrix sums and counts do not pair up (first: {unmatched})")
     entries = {}
     for name, in_sum2 in sums.items():
+        if not (np.isfinite(counts[name]).all() and (counts[name] >= 0).all()):
+            raise BpwoptError(f"{path}: imatrix entry {name} has a negative or non-finite count")
         expert_counts = np.rint(counts[name]).astype(np.float32)
-        if expert_counts.size == 0 or in_sum2.size % expert_counts.size:
-            raise BpwoptError(f"{path}: imatrix entry {name} has {expert_counts.size} counts for {in_sum2.size} sums")
+        if expert_counts.size != sum_rows[name] or in_sum2.size % expert_counts.size:
+            raise BpwoptError(
+                f"{path}: imatrix entry {name} has {expert_counts.size} counts for {sum_rows[name]} rows of sums"
+            )
         per_expert = in_sum2.reshape(expert_counts.size, -1)
         safe_counts = np.where(expert_counts > 0, expert_counts, 1)[:, None]
         weights = np.where(expert_counts[:, None] > 0, per_expert / safe_counts, np.float32(1))
@@ -128,6 +134,8 @@ def _load_legacy_imatrix(path: Path) -> Imatrix:
         name = cursor.take(cursor.int32()).split(b"\0")[0].decode("utf-8", "replace")
         ncall = cursor.int32()
         nval = cursor.int32()
+        if ncall < 0:
+            raise BpwoptError(f"{path}: imatrix entry {name} was collected {ncall} times")
         if nval < 1:
             raise BpwoptError(f"{path}: imatrix entry {name} has {nval} values")
         sums = np.frombuffer(cursor.take(4 * nval), dtype="<f4").astype(np.float32)

@@ -28,7 +28,7 @@ from bpwopt.formats.gguf_writer import padded_size
 from bpwopt.formats.splits import model_sha256
 from bpwopt.jobs.quantize import (
     SourceModel,
-    check_output_paths,
+    check_outputs,
     default_output_path,
     open_source,
     output_base,
@@ -152,6 +152,8 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     policy = _apply_policy(job)
     output_path = job.output_path or default_output_path(job.input_path, job.target.file_label())
     output_path = output_base(output_path, policy.source.options)
+    if not job.dry_run:
+        check_outputs(policy.source, output_path)  # before measuring: its size is checked once the plan is known
     identity = _identity(policy.source, job)
     with _open_state(job, identity) as state:
         measured, reused = _measure(policy, state, job)
@@ -258,7 +260,7 @@ def _solve_for_target(
 
 def _write(source: SourceModel, request: WriteRequest, output_path: Path, file_bytes: int) -> list[Path]:
     """Write the plan; returns the files written (one, or the --keep-split shards)."""
-    written_paths = check_output_paths(source, request, output_path)
+    written_paths = check_outputs(source, output_path, file_bytes)
     written = write_model(request, output_path)
     if written != file_bytes:
         raise BpwoptError(f"internal error: wrote {written} bytes, predicted {file_bytes}")

@@ -9,7 +9,6 @@ these steps see one model; only --keep-split asks which shard a tensor is in.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -19,7 +18,8 @@ from gguf import GGMLQuantizationType, GGUFValueType
 from bpwopt import __version__
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.imatrix import Imatrix, check_imatrix_fits, load_imatrix
-from bpwopt.formats.splits import ModelFiles, keep_split_prefix, open_model
+from bpwopt.formats.output_paths import check_free_space, writable_output
+from bpwopt.formats.splits import ModelFiles, keep_split_prefix, open_model, split_path
 from bpwopt.policy.clip import CLIP_ARCHITECTURE, plan_clip_types
 from bpwopt.policy.llama import (
     ModelInfo,
@@ -34,7 +34,7 @@ from bpwopt.policy.llama import (
 )
 from bpwopt.policy.presets import TypeChoice, parse_type_argument
 from bpwopt.quant.types import DEFAULT_ROUNDING, row_bytes
-from bpwopt.write.model_writer import KeyValue, WriteRequest, output_paths, write_model
+from bpwopt.write.model_writer import KeyValue, WriteRequest, planned_file_bytes, write_model
 
 _IMATRIX_TEXT_LIMIT = 127  # llama-quantize truncates these strings to its 128-byte override buffer
 
@@ -147,12 +147,20 @@ def output_base(output_path: Path, options: QuantizeOptions) -> Path:
     return keep_split_prefix(output_path) if options.keep_split else output_path
 
 
-def check_output_paths(source: SourceModel, request: WriteRequest, output_path: Path) -> list[Path]:
-    """The files the request writes, refused when one of them is a file of the input."""
-    paths = output_paths(request, output_path)
-    for path in paths:
-        if path.exists() and any(os.path.samefile(path, shard) for shard in source.reader.paths):
-            raise BpwoptError(f"input and output files are the same: {path}")
+def check_outputs(source: SourceModel, output_path: Path, file_bytes: int | None = None) -> list[Path]:
+    """The files a write of source to output_path makes, refused before any work where one cannot be written.
+
+    OUT, or with --keep-split one shard per input shard; each must pass
+    bpwopt.formats.output_paths (no directory, no missing directory, not one
+    of the input's files or its imatrix under any name, …) and, once the
+    written size is known (file_bytes, all files), fit the free space.
+    """
+    count = len(source.reader.paths)
+    paths = [split_path(output_path, i, count) for i in range(count)] if source.options.keep_split else [output_path]
+    inputs = [*source.reader.paths, *([source.imatrix.path] if source.imatrix is not None else [])]
+    targets = [writable_output(path, inputs) for path in paths]
+    if file_bytes is not None:
+        check_free_space(targets, file_bytes)
     return paths
 
 
@@ -231,7 +239,7 @@ def quantize_file(job: QuantizeJob) -> QuantizeReport:
     request = write_request(source, types, plan.file_type, job.overrides, recipe, job.progress, job.rounding)
     written, file_bytes = [], None
     if not job.dry_run:
-        written = check_output_paths(source, request, output_path)
+        written = check_outputs(source, output_path, planned_file_bytes(request))
         file_bytes = write_model(request, output_path)
     return QuantizeReport(
         output_path=written[0] if written else None,

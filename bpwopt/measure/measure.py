@@ -134,7 +134,7 @@ def load_rows(tensor: gguf.ReaderTensor, weights: np.ndarray | None, sampling: S
     sample = sample_rows(raw.shape[0], sampling, tensor.name)
     picked = raw if sample.complete else raw[sample.rows]
     source_type = GGMLQuantizationType(tensor.tensor_type)
-    values = np.ascontiguousarray(rows_to_float(picked, source_type), dtype=np.float32)
+    values = np.ascontiguousarray(rows_to_float(picked, source_type, tensor.name), dtype=np.float32)
     expert_of_row = sample.rows // (raw.shape[0] // n_expert)
     return TensorRows(tensor.name, values, expert_of_row, weights, sample, source_type)
 

@@ -211,7 +211,7 @@ def write_perturbed(
         if tensor.name not in perturbed:
             yield raw
             return
-        values = np.ascontiguousarray(rows_to_float(raw, GGMLQuantizationType(tensor.tensor_type)), dtype=np.float32)
+        values = rows_to_float(raw, GGMLQuantizationType(tensor.tensor_type), tensor.name)  # new float32 rows
         yield np.ascontiguousarray(perturbation(tensor, values, _tensor_weights(tensor, imatrix)), dtype=np.float32)
 
     kept = [field for name, field in reader.fields.items() if not name.startswith("GGUF.") and name not in SPLIT_KEYS]

@@ -5,11 +5,12 @@ handful of tensors decides the result, and a prediction can be wrong there
 (benchmarks/RESULTS.md). So when measured evidence is at hand — llama.cpp's
 runtime and the calibration text, which `bpwopt calibrate` has already used —
 the optimizer writes its plan and the largest llama.cpp preset that fits the
-same budget, both to temporaries beside the output, measures each one's KL
+same budget, both to temporaries beside the output (beside the file a link
+names; in a temporary directory for a device or FIFO), measures each one's KL
 divergence against the input model on the calibration text (never the
 evaluation text), and renames the plan onto the output only if its KLD is
-lower by more than SIGNIFICANCE paired standard errors, else the preset. The
-other temporary is removed.
+lower by more than SIGNIFICANCE paired standard errors, else the preset
+(copied through a device or FIFO). The other temporary is removed.
 """
 
 from __future__ import annotations
@@ -17,9 +18,13 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import shutil
+import tempfile
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from bpwopt.errors import BpwoptError
+from bpwopt.formats.output_paths import OutputPath, writable_output
 from bpwopt.jobs.optimize import OptimizeJob, OptimizeReport, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
 from bpwopt.quality.evaluate import EvalResult, evaluate
@@ -96,34 +101,52 @@ def checked_optimize(
     final = job.output_path
     if final is None:
         raise BpwoptError("the KLD check needs an output path")
-    plan_path = final.with_name(f".{final.name}.bpwopt-plan.gguf")
-    preset_path = final.with_name(f".{final.name}.bpwopt-preset.gguf")
-    try:
-        plan = optimize_file(replace(job, output_path=plan_path, compare_presets=True))
-        candidates = [(f"bpwopt ({plan.target.describe()})", plan_path, plan.file_bytes)]
-        for name in presets_to_try(job, plan):
-            preset = quantize_file(QuantizeJob(job.input_path, preset_path, name, options=job.options,
-                                               imatrix_path=job.imatrix_path, progress=False))  # fmt: skip
-            if _fits(job, preset.file_bytes, preset.output_data_bytes, preset.elements):
-                candidates.append((name, preset_path, preset.file_bytes))
-                break
-        text = calibration_text()
-        results: list[EvalResult] = [
-            evaluate(job.input_path, path, text, ctx=ctx, chunks=chunks, threads=threads, progress=False)
-            for _, path, _ in candidates
-        ]
-        difference, stderr = paired_difference(results)
-        best = 1 if len(results) == 2 and not difference > SIGNIFICANCE * stderr else 0
-        candidates[best][1].replace(final)  # both temporaries sit beside the output: an atomic rename
-    finally:
-        for path in (plan_path, preset_path):
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+    target = writable_output(final, [job.input_path, *([job.imatrix_path] if job.imatrix_path else [])])
+    # The candidates sit beside the file the output names, so that the kept one is renamed over it;
+    # for a device or FIFO they are written to a temporary directory and the kept one copied through.
+    scratch = tempfile.TemporaryDirectory(prefix="bpwopt-check-") if target.stream else None
+    with scratch or contextlib.nullcontext(target.path.parent) as directory:
+        beside = Path(directory)
+        plan_path = beside / f".{target.path.name}.bpwopt-plan.gguf"
+        preset_path = beside / f".{target.path.name}.bpwopt-preset.gguf"
+        try:
+            plan = optimize_file(replace(job, output_path=plan_path, compare_presets=True))
+            candidates = [(f"bpwopt ({plan.target.describe()})", plan_path, plan.file_bytes)]
+            for name in presets_to_try(job, plan):
+                preset = quantize_file(QuantizeJob(job.input_path, preset_path, name, options=job.options,
+                                                   imatrix_path=job.imatrix_path, progress=False))  # fmt: skip
+                if _fits(job, preset.file_bytes, preset.output_data_bytes, preset.elements):
+                    candidates.append((name, preset_path, preset.file_bytes))
+                    break
+            text = calibration_text()
+            results: list[EvalResult] = [
+                evaluate(job.input_path, path, text, ctx=ctx, chunks=chunks, threads=threads, progress=False)
+                for _, path, _ in candidates
+            ]
+            difference, stderr = paired_difference(results)
+            best = 1 if len(results) == 2 and not difference > SIGNIFICANCE * stderr else 0
+            _publish(candidates[best][1], target)
+        finally:
+            for path in (plan_path, preset_path):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
     kept = tuple(
         Candidate(label, size, r.mean_kld, r.mean_kld_stderr)
         for (label, _, size), r in zip(candidates, results, strict=True)
     )
     return CheckReport(replace(plan, output_path=final), kept, kept[best].label, difference, stderr)
+
+
+def _publish(candidate: Path, target: OutputPath) -> None:
+    """The kept candidate onto the output: an atomic rename beside it, or copied through a device or FIFO."""
+    if not target.stream:
+        candidate.replace(target.path)
+        return
+    try:
+        with candidate.open("rb") as source, open(target.path, "wb") as stream:
+            shutil.copyfileobj(source, stream, 1 << 20)
+    except OSError as error:
+        raise BpwoptError(f"cannot write {target.requested}: {error.strerror or error}") from None
 
 
 def paired_difference(results: list[EvalResult]) -> tuple[float, float]:

@@ -26,6 +26,7 @@ model is an optional argument, checked against the state's sha256.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from bpwopt.errors import BpwoptError
+from bpwopt.formats.output_paths import write_small_file
 from bpwopt.formats.splits import model_sha256, open_model
 from bpwopt.policy.llama import Category, QuantizeOptions, plan_types
 from bpwopt.policy.presets import PRESETS, PRESETS_BY_NAME
@@ -298,11 +300,9 @@ def save_figure(fig: Figure, stem: Path, formats: Sequence[str] = FORMATS) -> li
         for fmt in formats:
             path = stem.with_name(f"{stem.name}.{fmt}")
             metadata = {"Date": None} if fmt == "svg" else {"Software": None} if fmt == "png" else None
-            try:
-                fig.savefig(path, format=fmt, dpi=_DPI, metadata=metadata)
-            except OSError as error:
-                raise BpwoptError(f"cannot write {path}: {error.strerror or error}") from None
-            written.append(path)
+            rendered = io.BytesIO()
+            fig.savefig(rendered, format=fmt, dpi=_DPI, metadata=metadata)
+            written.append(write_small_file(path, rendered.getvalue(), what="plot"))  # atomic, or through a device
     return written
 
 

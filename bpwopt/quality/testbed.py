@@ -109,7 +109,7 @@ def _perturbed_pieces(
     rows_per_slab = max(1, SLAB_ELEMENTS // int(tensor.shape[0]))
     for start in range(0, raw_rows.shape[0], rows_per_slab):
         slab = raw_rows[start:start + rows_per_slab]
-        weights = rows_to_float(slab, tensor.tensor_type).astype(np.float64)
+        weights = rows_to_float(slab, tensor.tensor_type, tensor.name).astype(np.float64)
         noise = (rng.random(weights.shape) - 0.5) * spread * grid_steps(slab, tensor.tensor_type)
         yield (weights + noise).astype(out_dtype)
 

@@ -17,6 +17,8 @@ from bpwopt.errors import BpwoptError
 from bpwopt.quant import codec
 from bpwopt.quant.types import QUANT_TYPES
 
+_FLOAT_TYPES = frozenset({GGMLQuantizationType.F32, GGMLQuantizationType.F16, GGMLQuantizationType.BF16})
+
 
 def tensor_rows(tensor: gguf.ReaderTensor) -> np.ndarray:
     """The raw bytes of a tensor as uint8 (rows, row_bytes), a view into the memory map."""
@@ -42,21 +44,46 @@ def _check_input_whole(tensor: gguf.ReaderTensor) -> None:
         raise BpwoptError(f"{path}: the file shrank to {size:,} bytes while being read ({tensor.name} ends at {end:,})")
 
 
-def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType) -> np.ndarray:
+def rows_to_float(raw_rows: np.ndarray, source_type: GGMLQuantizationType, name: str) -> np.ndarray:
     """Rows of any ggml type as float32: our kernels where we have them, gguf's otherwise.
 
     Always a new array the caller owns, F32 included: the input is memory-mapped
     read-only, and a caller that changes the values (calibrate adds noise) must
-    never write into it.
+    never write into it. Rows holding a NaN or an infinity are refused with the
+    tensor's name (`check_finite`).
     """
     if source_type == GGMLQuantizationType.F32:
-        return raw_rows.view(np.float32).copy()
-    if source_type in QUANT_TYPES:
-        return codec.dequantize(np.ascontiguousarray(raw_rows), source_type)
-    try:
-        return gguf.quants.dequantize(raw_rows, source_type).astype(np.float32)
-    except NotImplementedError:  # integer tensors (I8 … I64): llama-quantize cannot requantize them either
-        raise BpwoptError(f"cannot convert {source_type.name} tensor data to another type") from None
+        values = raw_rows.view(np.float32).copy()
+    elif source_type in QUANT_TYPES:
+        values = codec.dequantize(np.ascontiguousarray(raw_rows), source_type)
+    else:
+        try:
+            values = gguf.quants.dequantize(raw_rows, source_type).astype(np.float32)
+        except NotImplementedError:  # integer tensors (I8 … I64): llama-quantize cannot requantize them either
+            raise BpwoptError(f"cannot convert {source_type.name} tensor data to another type") from None
+    return check_finite(values, name)
+
+
+def check_finite(values: np.ndarray, name: str) -> np.ndarray:
+    """values, unless one is NaN or infinite: then the one-line error llama-quantize stops with.
+
+    llama.cpp validates every row it loads for quantizing ("tensor '…' has
+    invalid data"); quantized, such a row would give NaN scales or garbage
+    blocks in a file that loads and then produces nothing useful.
+    """
+    if not np.isfinite(values).all():
+        raise BpwoptError(f"tensor '{name}' has invalid data: NaN or infinite values (llama.cpp refuses it too)")
+    return values
+
+
+def check_copied_rows(raw_rows: np.ndarray, source_type: GGMLQuantizationType, name: str) -> None:
+    """The same validation for rows copied byte for byte, for the types bpwopt can decode.
+
+    Integer tensors hold no floats; the i-quants bpwopt has no kernel for are
+    copied unchecked (decoding them in numpy would cost more than the copy).
+    """
+    if source_type in _FLOAT_TYPES or source_type in QUANT_TYPES:
+        rows_to_float(raw_rows, source_type, name)
 
 
 def expert_count(tensor: gguf.ReaderTensor) -> int:

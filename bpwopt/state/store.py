@@ -33,6 +33,7 @@ from sqlite_utils import Database
 
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import fsync_path
+from bpwopt.formats.output_paths import state_file_path
 from bpwopt.measure.records import Estimate, Measurement, TensorRecord
 from bpwopt.quant.types import DEFAULT_ROUNDING
 
@@ -100,9 +101,11 @@ class StateFile:
 
         Refused with BpwoptError: a file that is not a bpwopt state (never modified), a state of
         another identity or of a newer format, a state another process holds open, a directory
-        that cannot be written. A state of an older format is migrated to this one.
+        that cannot be written, a device, FIFO or directory at path. A symbolic link is followed
+        (SQLite's -wal and -shm files then sit beside the state itself). A state of an older
+        format is migrated to this one.
         """
-        path = Path(path)
+        path = state_file_path(path)  # a link's target; a device, FIFO or directory refused
         if not path.exists():
             if not create:
                 raise BpwoptError(f"state file {path} does not exist")

@@ -1,6 +1,7 @@
 """The write stage: a quantized GGUF from an input GGUF and one target type per tensor.
 
-Tensors whose target is their source type are copied byte for byte; others
+Tensors whose target is their source type are copied byte for byte (their
+rows checked for NaN and infinity first, as llama.cpp checks them); others
 are dequantized slab by slab (the input is memory-mapped) and quantized with
 the same kernels measurement uses, with the imatrix of that tensor (one per
 expert for 3-D MoE tensors), exactly as llama-quantize does. Metadata is
@@ -29,7 +30,7 @@ from bpwopt.formats.imatrix import Imatrix
 from bpwopt.formats.splits import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, ModelFiles, split_path
 from bpwopt.quant import codec
 from bpwopt.quant.types import DEFAULT_ROUNDING, row_bytes
-from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
+from bpwopt.source.rows import check_copied_rows, expert_count, rows_to_float, tensor_rows
 
 GGML_QNT_VERSION = 2
 SLAB_BYTES = 64 << 20  # working memory per slab of rows (source + float32 + output)
@@ -61,7 +62,11 @@ def _converted_pieces(
     raw_rows = tensor_rows(tensor)
     n_per_row = int(tensor.shape[0])
     if target_type == tensor.tensor_type:
-        yield from (raw_rows[start:start + 4096] for start in range(0, raw_rows.shape[0], 4096))
+        rows_per_slab = max(1, SLAB_BYTES // (raw_rows.shape[1] + 4 * n_per_row))  # the bytes and their floats
+        for start in range(0, raw_rows.shape[0], rows_per_slab):
+            slab = raw_rows[start:start + rows_per_slab]
+            check_copied_rows(slab, tensor.tensor_type, tensor.name)
+            yield slab
         return
     n_expert = expert_count(tensor)
     rows_per_expert = raw_rows.shape[0] // n_expert
@@ -72,7 +77,7 @@ def _converted_pieces(
         expert_weights = weights[expert] if weights is not None else None
         for start in range(expert * rows_per_expert, (expert + 1) * rows_per_expert, rows_per_slab):
             stop = min(start + rows_per_slab, (expert + 1) * rows_per_expert)
-            floats = rows_to_float(raw_rows[start:stop], tensor.tensor_type)
+            floats = rows_to_float(raw_rows[start:stop], tensor.tensor_type, tensor.name)
             try:
                 yield codec.quantize(np.ascontiguousarray(floats), target_type, expert_weights, rounding)
             except ValueError as error:
