@@ -157,6 +157,29 @@ def test_read_only_state_directory_is_refused_before_measuring(tmp_path, read_on
     assert sorted(os.listdir(read_only)) == ["out.gguf"]
 
 
+def test_a_read_only_state_is_solved_again_and_refused_only_for_a_new_measurement(tmp_path, read_only):
+    model, state = write_model(tmp_path / "model.gguf"), read_only / "run.bpw_state"
+    read_only.chmod(0o755)
+    first = run_json(*OPTIMIZE, "--state-file", state, model, tmp_path / "first.gguf")
+    read_only.chmod(0o555)
+    stored = state.read_bytes()
+    status, stderr = run_child("read-only", "--quiet", "--target-bpw", "5", "--state-file", state, model,
+                               tmp_path / "again.gguf")  # fmt: skip
+    assert status == 0 and "measured 0 (tensor, type) pairs, reused 33 from the state" in stderr  # another budget
+    assert (tmp_path / "again.gguf").stat().st_size < first["file_bytes"]
+    assert state.read_bytes() == stored and sorted(os.listdir(read_only)) == ["out.gguf", "run.bpw_state"]
+
+    read_only.chmod(0o755)
+    with contextlib.closing(sqlite3.connect(state)) as db, db:
+        db.execute("DELETE FROM statistics WHERE qtype = 'Q8_0'")
+        db.execute("DELETE FROM measurements WHERE qtype = 'Q8_0'")
+    read_only.chmod(0o555)
+    status, stderr = run_child("read-only", *OPTIMIZE, "--state-file", state, model, tmp_path / "third.gguf")
+    assert status == 1
+    assert one_error_line(stderr).startswith(f"bpwopt: error: state file {state} is read-only and lacks ")
+    assert not (tmp_path / "third.gguf").exists()
+
+
 def test_full_disk_while_writing_the_plan_keeps_the_previous_output_and_the_state(tmp_path):
     model, state, out = (
         write_model(tmp_path / "model.gguf", rows=8192),

@@ -248,7 +248,10 @@ def test_a_format_1_state_in_a_read_only_file_is_refused_unmigrated(tmp_path):
         except BpwoptError as error:
             print(error)
     """)
-    assert attempt.stdout == f"state file {path} is read-only\n", attempt.stderr
+    assert attempt.stdout == (
+        f"state file {path} is read-only and of format 1; open it once where it can be written, "
+        f"to migrate it to format {STATE_FORMAT_VERSION}\n"
+    ), attempt.stderr
     assert path.read_bytes() == FORMAT_1.read_bytes()
 
 
@@ -339,7 +342,7 @@ def test_a_second_process_is_refused_while_the_state_is_open(state_path):
     StateFile.open(state_path, IDENTITY).close()
 
 
-def test_a_read_only_directory_is_refused(tmp_path):
+def test_a_read_only_directory_refuses_new_states_and_opens_an_existing_one_read_only(tmp_path):
     existing = tmp_path / "existing.bpw_state"
     StateFile.open(existing, IDENTITY).close()
     tmp_path.chmod(0o555)
@@ -350,8 +353,9 @@ def test_a_read_only_directory_is_refused(tmp_path):
             from bpwopt.state.store import StateFile, StateIdentity
             for name in ("new.bpw_state", "sub/new.bpw_state", "existing.bpw_state"):
                 try:
-                    StateFile.open(os.path.join({str(tmp_path)!r}, name), {IDENTITY!r}).close()
-                    print("opened", name)
+                    with StateFile.open(os.path.join({str(tmp_path)!r}, name), {IDENTITY!r}) as state:
+                        print("opened", name, "read-only" if state.read_only else "")
+                        state.add_tensors([])
                 except BpwoptError as error:
                     print(error)
         """)
@@ -360,8 +364,8 @@ def test_a_read_only_directory_is_refused(tmp_path):
     assert attempt.stdout.splitlines() == [
         f"cannot create state file {tmp_path}/new.bpw_state: Permission denied",
         f"cannot create state file {tmp_path}/sub/new.bpw_state: Permission denied",
-        f"cannot open state file {tmp_path}/existing.bpw_state: its directory is read-only "
-        "(SQLite keeps -wal and -shm files there)",
+        "opened existing.bpw_state read-only",
+        f"state file {tmp_path}/existing.bpw_state is read-only: nothing new can be stored in it",
     ], attempt.stderr
     assert sorted(os.listdir(tmp_path)) == ["existing.bpw_state"]
 

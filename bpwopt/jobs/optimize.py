@@ -276,6 +276,8 @@ def _record_plan(
     file_bytes: int,
     elements: int,
 ) -> None:
+    if state.read_only:  # a plan is a record of the run, not something a later run needs
+        return
     state.add_plan(
         PlanRecord(
             target=job.target.describe(),
@@ -368,6 +370,13 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
             )
 
     measured = sum(len(missing) for _, missing, _ in pending)
+    if pending and state.read_only:
+        plan, missing, _ = pending[0]
+        raise BpwoptError(
+            f"state file {state.path} is read-only and lacks {max(measured, 1)} measurement(s) this run needs "
+            f"(first: {plan.source_name}{' as ' + missing[0] if missing else ''}); "
+            "give a --state-file that can be written"
+        )
     reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
     total = sum(int(by_name[plan.source_name].n_elements) * max(1, len(missing)) for plan, missing, _ in pending)
     measure_tensors(tasks(), lambda result: _store(state, result), progress=job.progress, total=total)

@@ -88,10 +88,11 @@ class StateFile:
     path: Path
     identity: StateIdentity
 
-    def __init__(self, path: Path, identity: StateIdentity, db: Database, lock_fd: int) -> None:
+    def __init__(self, path: Path, identity: StateIdentity, db: Database, lock_fd: int, read_only: bool) -> None:
         """Use StateFile.open(); this only wraps an already validated, locked database."""
         self.path = path
         self.identity = identity
+        self.read_only = read_only  # on storage this process cannot write: every add_* / set_* is refused
         self._db = db
         self._lock_fd: int | None = lock_fd
 
@@ -100,10 +101,14 @@ class StateFile:
         """Open the state at path for this identity, creating it (and its directory) if missing and create is set.
 
         Refused with BpwoptError: a file that is not a bpwopt state (never modified), a state of
-        another identity or of a newer format, a state another process holds open, a directory
-        that cannot be written, a device, FIFO or directory at path. A symbolic link is followed
-        (SQLite's -wal and -shm files then sit beside the state itself). A state of an older
-        format is migrated to this one.
+        another identity or of a newer format, a state another process holds open, a device,
+        FIFO or directory at path. A symbolic link is followed (SQLite's -wal and -shm files then
+        sit beside the state itself). A state of an older format is migrated to this one.
+
+        A state this process cannot write (the file or its directory read-only: a shared or
+        archived measurement) is opened read-only: everything stored in it can be read and
+        solved again, and storing anything is refused (`read_only`). It cannot be migrated
+        there, nor read past a -wal file a killed run left beside it.
         """
         path = state_file_path(path)  # a link's target; a device, FIFO or directory refused
         if not path.exists():
@@ -114,15 +119,11 @@ class StateFile:
         db = None
         try:
             _check_header(path, os.pread(lock_fd, _HEADER_BYTES, 0))
-            if not _writable(path):
-                raise BpwoptError(f"state file {path} is read-only")
-            if not _writable(path.parent):
-                raise BpwoptError(
-                    f"cannot open state file {path}: its directory is read-only "
-                    "(SQLite keeps -wal and -shm files there)"
-                )
+            read_only = not (_writable(path) and _writable(path.parent))
+            if read_only:
+                _check_nothing_unwritten(path)
             with _sqlite_errors(path, "open"):
-                db = _database(sqlite3.connect(path))
+                db = _database(_connect(path, read_only))
                 db.execute("PRAGMA busy_timeout = 10000")
                 # Each measurement is its own WAL transaction. synchronous=NORMAL skips the fsync at commit:
                 # a commit is in the WAL (the OS's page cache) when add_measurement returns, so it survives the
@@ -133,6 +134,11 @@ class StateFile:
                 db.execute("PRAGMA foreign_keys = ON")
                 stored, version = _validated_identity(path, db)
             _check_identity(path, stored, identity)
+            if read_only and version < STATE_FORMAT_VERSION:
+                raise BpwoptError(
+                    f"state file {path} is read-only and of format {version}; open it once where it can be "
+                    f"written, to migrate it to format {STATE_FORMAT_VERSION}"
+                )
             with _sqlite_errors(path, "migrate"):
                 _migrate(db, version)
         except BaseException:
@@ -141,7 +147,7 @@ class StateFile:
                 db.close()
             os.close(lock_fd)
             raise
-        return cls(path, stored, db, lock_fd)
+        return cls(path, stored, db, lock_fd, read_only)
 
     def add_tensors(self, records: Iterable[TensorRecord]) -> None:
         """Record tensors; a name already present must agree on shape, elements and source type (then it is kept)."""
@@ -288,6 +294,8 @@ class StateFile:
 
     @contextmanager
     def _writing(self) -> Iterator[None]:
+        if self.read_only:
+            raise BpwoptError(f"state file {self.path} is read-only: nothing new can be stored in it")
         with _sqlite_errors(self.path, "write"):
             yield
 
@@ -304,7 +312,11 @@ def read_identity(path: str | os.PathLike) -> StateIdentity:
         raise BpwoptError(f"cannot read state file {path}: {error.strerror}") from None
     _check_header(path, header)
     # A read-write connection that only reads: unlike mode=ro, closing it removes the -wal and -shm files it made.
-    connection = sqlite3.connect(path)
+    # Where neither can be written (read-only storage) the file is read as it is.
+    read_only = not (_writable(path) and _writable(path.parent))
+    if read_only:
+        _check_nothing_unwritten(path)
+    connection = _connect(path, read_only)
     try:
         with _sqlite_errors(path, "read"):
             return _validated_identity(path, _database(connection))[0]
@@ -508,6 +520,27 @@ def _writable(path: Path) -> bool:
     return os.access(path, os.W_OK, effective_ids=os.access in os.supports_effective_ids)
 
 
+
+
+def _connect(path: Path, read_only: bool) -> sqlite3.Connection:
+    """A connection; read-only as an immutable file, since SQLite cannot make its -shm beside it there.
+
+    immutable is safe here: the exclusive flock keeps every other bpwopt out,
+    and `_check_nothing_unwritten` made sure no -wal holds commits the file lacks.
+    """
+    if not read_only:
+        return sqlite3.connect(path)
+    return sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro&immutable=1", uri=True)
+
+
+def _check_nothing_unwritten(path: Path) -> None:
+    """Refuse a read-only state whose -wal (left by a killed run) holds commits an immutable read would miss."""
+    wal = path.with_name(path.name + "-wal")
+    if wal.exists() and wal.stat().st_size > 0:
+        raise BpwoptError(
+            f"state file {path} is read-only and {wal.name} beside it holds measurements not yet in it; "
+            "open it once where it can be written"
+        )
 
 
 def _lock(path: Path) -> int:
