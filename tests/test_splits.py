@@ -269,3 +269,24 @@ def test_calibrate_and_plot_accept_the_split_model_their_state_was_measured_from
     calibrate.write_perturbed(open_model(shards[0]), ["blk.0.attn_v.weight"], perturbed, noise, None)
     assert not {"split.no", "split.count", "split.tensors.count"} & set(gguf.GGUFReader(perturbed).fields)
     assert greedy_text(perturbed).strip()  # one file holding every shard's tensors: llama.cpp loads it
+
+
+def test_keep_split_shards_follow_the_output_path_rules(shards, tmp_path, capsys):
+    """Every shard is checked before the first is written; a shard behind a link replaces the link's target."""
+    prefix = tmp_path / "ours"  # llama-quantize drops OUT's .gguf before numbering the shards
+    argv = ["--allow-requantize", "--quiet", "--keep-split", str(shards[0]), f"{prefix}.gguf", "Q8_0"]
+    second = split_path(prefix, 1, 3)
+    second.mkdir()
+    assert main(argv) == 1
+    assert capsys.readouterr().err == f"bpwopt: error: {second}: is a directory, not an output file\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [second.name]  # not even shard 1 was written
+    second.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    target = tmp_path / "elsewhere" / "shard-2.gguf"
+    target.write_bytes(b"the user's previous shard")
+    second.symlink_to(target)
+    assert main(argv) == 0
+    assert second.is_symlink() and second.resolve() == target
+    written, source = open_model(split_path(prefix, 0, 3)), open_model(shards[0])  # opened whole, the link included
+    assert [t.name for t in written.tensors] == [t.name for t in source.tensors]
+    assert sorted(p.name for p in (tmp_path / "elsewhere").iterdir()) == ["shard-2.gguf"]  # no temporary left

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bpwopt.quant.types import get_quant_type
+from gguf.constants import GGMLQuantizationType
 
 
 @functools.cache
@@ -40,17 +40,20 @@ def _libggml() -> ctypes.CDLL:
     return lib
 
 
-def ggml_quantize(x: np.ndarray, qtype, imatrix: np.ndarray | None = None) -> np.ndarray:
-    """Quantize float32 x (nrows, n_per_row) with ggml_quantize_chunk; uint8 (nrows, row_bytes)."""
-    quant_type = get_quant_type(qtype)
+def ggml_quantize(x: np.ndarray, qtype: str | GGMLQuantizationType, imatrix: np.ndarray | None = None) -> np.ndarray:
+    """Quantize float32 x (nrows, n_per_row) with ggml_quantize_chunk; uint8 (nrows, row_bytes).
+
+    qtype is any ggml type (a name or GGMLQuantizationType), produced by bpwopt or not.
+    """
+    ggml_type = qtype if isinstance(qtype, GGMLQuantizationType) else GGMLQuantizationType[qtype.upper()]
     lib = _libggml()
     x_rows = np.ascontiguousarray(x, dtype=np.float32).reshape(-1, x.shape[-1])
     nrows, n_per_row = x_rows.shape
-    row_bytes = lib.ggml_row_size(quant_type.id, n_per_row)
+    row_bytes = lib.ggml_row_size(int(ggml_type), n_per_row)
     out = np.zeros((nrows, row_bytes), dtype=np.uint8)
     weights = None if imatrix is None else np.ascontiguousarray(imatrix, dtype=np.float32)
     written = lib.ggml_quantize_chunk(
-        quant_type.id,
+        int(ggml_type),
         x_rows.ctypes.data,
         out.ctypes.data,
         0,
