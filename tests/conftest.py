@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from pathlib import Path
 
 import gguf
@@ -94,3 +95,17 @@ def make_imatrix(n_per_row: int, seed: int = 1) -> np.ndarray:
 @pytest.fixture(scope="session")
 def demo_model_path():
     return smollm2_path()
+
+
+def llama_imatrix_table(entries: dict[str, np.ndarray]) -> tuple[object, list]:
+    """llama_model_quantize_params.imatrix for ENTRIES (name -> float32 weights), and what must outlive the call."""
+    import llama_cpp  # a test extra: only the tests that compare with llama.cpp import it
+
+    table = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()  # a zeroed entry ends the list
+    keep_alive: list = [table]
+    for index, (name, values) in enumerate(entries.items()):
+        data = np.ascontiguousarray(values, dtype=np.float32)
+        keep_alive.append(data)
+        table[index].name, table[index].size = name.encode(), data.size
+        table[index].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+    return table, keep_alive

@@ -54,7 +54,7 @@ from bpwopt.policy.presets import (
     parse_ggml_type_name,
     parse_type_argument,
 )
-from tests.conftest import save_gguf
+from tests.conftest import llama_imatrix_table, save_gguf
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -162,14 +162,9 @@ def run_llama_cpp(source: Source, output: Path, case: Case, *, dry_run: bool = F
         keep_alive.append(prune)
     entries = imatrix_entries(source, case)
     if entries:
-        table = (llama_cpp.llama_model_imatrix_data * (len(entries) + 1))()
-        for index, (name, size) in enumerate(entries.items()):
-            ones = np.ones(size, np.float32)
-            keep_alive.append(ones)
-            table[index].name, table[index].size = name.encode(), size
-            table[index].data = ones.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
-        params.imatrix = table
-        keep_alive.append(table)
+        ones = {name: np.ones(size, np.float32) for name, size in entries.items()}
+        params.imatrix, arrays = llama_imatrix_table(ones)
+        keep_alive.extend(arrays)
     if dry_run:
         return _dry_run(source, params)
     ok = llama_cpp.llama_model_quantize(bytes(source.path), bytes(output), ctypes.byref(params)) == 0

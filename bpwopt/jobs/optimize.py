@@ -46,7 +46,7 @@ from bpwopt.measure.measure import (
 from bpwopt.measure.records import STATISTICS
 from bpwopt.policy.llama import QuantizeOptions, TensorPlan, TypePlan, check_plan_writable, is_quantized, plan_types
 from bpwopt.policy.presets import PRESETS, Preset, parse_type_argument
-from bpwopt.quant.types import DEFAULT_ROUNDING
+from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES
 from bpwopt.solve.objective import default_objective, tensor_weights
 from bpwopt.solve.problem import Problem, useful_range
 from bpwopt.solve.problem import build_problem as assemble_problem
@@ -205,10 +205,27 @@ def _apply_policy(job: OptimizeJob) -> PolicyPlan:
     base = plan_types(source.specs, source.model, recipe.preset, source.options, check_writable=False)
     varied = tuple(t for t in base.tensors if t.quantizable and not t.pinned)
     _refuse_requantize(varied, source.options)
-    types_of = {t.source_name: candidate_types(t.shape[0], job.candidates) for t in varied}
+    types_of = {t.source_name: _quantizable_types(source, t.source_name, job.candidates) for t in varied}
     if job.type_text:
         types_of = _with_recipe_types(types_of, varied)
     return PolicyPlan(source, recipe.preset, base, varied, types_of)
+
+
+def _quantizable_types(
+    source: SourceModel, name: str, candidates: tuple[GGMLQuantizationType, ...]
+) -> tuple[GGMLQuantizationType, ...]:
+    """A tensor's candidate types, less those ggml quantizes only with imatrix weights when it has none."""
+    tensor = source.tensors_by_name[name]
+    weighted = source.imatrix is not None and (
+        source.imatrix.weights_for(name, int(tensor.shape[0]), expert_count(tensor)) is not None
+    )
+    fitted = candidate_types(tensor.shape[0], candidates)
+    types = tuple(t for t in fitted if weighted or not QUANT_TYPES[t].requires_imatrix)
+    if not types:
+        needy = ", ".join(t.name for t in candidates)
+        raise BpwoptError(f"{name}: none of the candidate types ({needy}) can be quantized without an importance "
+                          "matrix for this tensor; give --imatrix or other --candidates")  # fmt: skip
+    return types
 
 
 def build_problem(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[OptimizeJob, Problem, WriteRequest]:

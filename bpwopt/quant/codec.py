@@ -41,6 +41,8 @@ def _as_rows(x: np.ndarray, quant_type: QuantType) -> np.ndarray:
 
 def _as_imatrix(imatrix: np.ndarray | None, n_per_row: int, quant_type: QuantType) -> np.ndarray:
     """ggml's quant_weights: one non-negative float per column, or the empty 'none'."""
+    if imatrix is None and quant_type.requires_imatrix:
+        raise ValueError(f"{quant_type.name} needs an importance matrix: ggml cannot quantize it without one")
     if imatrix is None or quant_type.block_size == 1:
         return _NO_IMATRIX
     weights = np.asarray(imatrix)

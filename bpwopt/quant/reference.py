@@ -11,7 +11,6 @@ import functools
 from pathlib import Path
 
 import numpy as np
-
 from gguf.constants import GGMLQuantizationType
 
 
@@ -63,4 +62,43 @@ def ggml_quantize(x: np.ndarray, qtype: str | GGMLQuantizationType, imatrix: np.
     )
     if written != out.nbytes:
         raise RuntimeError(f"ggml_quantize_chunk wrote {written} bytes, expected {out.nbytes}")
+    return out
+
+
+class _TypeTraits(ctypes.Structure):
+    """ggml.h's `struct ggml_type_traits`, as far as the decoder."""
+
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64)),
+    ]
+
+
+@functools.cache
+def _type_traits(ggml_type: int) -> _TypeTraits:
+    lib = _libggml()
+    lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+    lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+    return lib.ggml_get_type_traits(ggml_type).contents
+
+
+def ggml_dequantize(q: np.ndarray, qtype: str | GGMLQuantizationType) -> np.ndarray:
+    """Decode uint8 q (nrows, row_bytes) with ggml's own `to_float` of the type; float32 (nrows, n_per_row).
+
+    The decoder's oracle for the types gguf-py does not implement (gguf.quants.dequantize covers the rest).
+    """
+    ggml_type = qtype if isinstance(qtype, GGMLQuantizationType) else GGMLQuantizationType[qtype.upper()]
+    traits = _type_traits(int(ggml_type))
+    if not traits.to_float:
+        raise RuntimeError(f"ggml has no decoder for {ggml_type.name}")
+    q_rows = np.ascontiguousarray(q, dtype=np.uint8).reshape(-1, q.shape[-1])
+    nrows, row_bytes = q_rows.shape
+    if row_bytes % traits.type_size:
+        raise ValueError(f"{row_bytes} bytes is not a whole number of {ggml_type.name} blocks")
+    out = np.zeros((nrows, row_bytes // traits.type_size * traits.blck_size), dtype=np.float32)
+    traits.to_float(q_rows.ctypes.data, out.ctypes.data, out.size)
     return out

@@ -28,6 +28,8 @@ from bpwopt.quant.kernels import (
 # ggml: byte-identical to ggml_quantize_chunk; best: best_rounding's kernel where the type has one, else ggml's.
 ROUNDINGS = ("ggml", "best")
 DEFAULT_ROUNDING = "ggml"
+# ggml_quantize_requires_imatrix: ggml aborts quantizing these without quant_weights (their grids need weights).
+REQUIRES_IMATRIX = frozenset({GGMLQuantizationType.IQ2_XXS, GGMLQuantizationType.IQ2_XS, GGMLQuantizationType.IQ1_S})
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,10 @@ class QuantType:
     @property
     def id(self) -> int:
         return int(self.ggml_type)
+
+    @property
+    def requires_imatrix(self) -> bool:
+        return self.ggml_type in REQUIRES_IMATRIX
 
     @property
     def bits_per_weight(self) -> float:
