@@ -6,7 +6,9 @@ float32 input (best of --repeats) and the ratio bpwopt / ggml (≥ 1 means
 bpwopt is faster). It also times Numba's compilation of all kernels with an
 empty cache and with the cache warm, each in a fresh interpreter.
 
-    python benchmarks/kernels.py [--rows 256] [--cols 4096] [--repeats 3]
+    python benchmarks/kernels.py [--rows 256] [--cols 4096] [--repeats 3] [--types IQ2_XXS,TQ1_0]
+
+Types that ggml quantizes only with an imatrix (IQ2_XXS, IQ2_XS, IQ1_S) are timed with one only.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from timing import best_seconds
 
 import bpwopt
 from bpwopt.quant.reference import ggml_quantize
-from bpwopt.quant.types import QUANT_TYPES
+from bpwopt.quant.types import QUANT_TYPES, get_quant_type
 
 _COMPILE_PROBE = (
     "import time; t = time.perf_counter(); import numpy as np, bpwopt; "
@@ -48,8 +50,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=256)
     parser.add_argument("--cols", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--types", help="comma-separated type names (default: every registered type)")
     parser.add_argument("--skip-compile", action="store_true", help="do not time compilation")
     args = parser.parse_args()
+    names = args.types.upper().split(",") if args.types else [t.name for t in QUANT_TYPES.values()]
 
     numba.set_num_threads(1)
     rng = np.random.default_rng(0)
@@ -61,9 +65,10 @@ def main() -> None:
           f"best of {args.repeats}; numba {numba.__version__}")
     print("| type | imatrix | bpwopt MB/s | ggml MB/s | ratio |")
     print("| --- | --- | ---: | ---: | ---: |")
-    for quant_type in QUANT_TYPES.values():
+    for quant_type in map(get_quant_type, names):
         for weights in (None, imatrix):
-            if weights is not None and quant_type.block_size == 1:
+            unweighted = quant_type.block_size == 1  # the float types take no imatrix
+            if (weights is not None and unweighted) or (weights is None and quant_type.requires_imatrix):
                 continue
             bpwopt.quantize(x[:2], quant_type.name, weights)  # compile / load before timing
             ours = best_seconds(partial(bpwopt.quantize, x, quant_type.name, weights), args.repeats)
