@@ -2,17 +2,29 @@
 
 The tables are checked against ggml-common.h's grids (decoding our grid gives them back) and against
 a brute-force reading of iq2xs_init_impl: sort every grid point by (d², index), keep the nearest
-few distance levels.
+few distance levels. The kernels' bytes are compared with ggml_quantize_chunk, their decoders with
+gguf-py's and ggml's. ggml requires an imatrix for both types (it aborts the process without one),
+so every comparison passes one.
 """
 
 from __future__ import annotations
 
+import zlib
+
+import gguf
 import numpy as np
 import pytest
+from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from bpwopt.quant.kernels import iq2_grids
+from bpwopt.quant.kernels.iq2 import KERNELS
 from bpwopt.quant.kernels.iq2_grids import MAP_SIZE, iq2_tables
+from bpwopt.quant.kernels.rows import dequantize_rows, quantize_rows
+from bpwopt.quant.reference import ggml_dequantize, ggml_quantize
 from bpwopt.quant.tables import grid_table
+from tests.conftest import ROW_KINDS, make_imatrix, make_rows
+
+TYPES = ("IQ2_XXS", "IQ2_XS")
 
 # Per grid size: the ggml-common.h table, the byte values of its three levels, and how many distinct
 # distances ggml keeps in a neighbour list (its `nwant`).
@@ -109,3 +121,108 @@ def test_tables_cached_on_disk_and_rebuilt_when_unusable(tmp_path, monkeypatch):
 def test_unknown_grid_size_refused():
     with pytest.raises(KeyError):
         iq2_tables(128)
+
+
+def quantize(x: np.ndarray, name: str, imatrix: np.ndarray) -> np.ndarray:
+    quantize_row, _ = KERNELS[GGMLQuantizationType[name]]
+    block_size, block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]]
+    out = np.zeros((x.shape[0], x.shape[1] // block_size * block_bytes), dtype=np.uint8)
+    quantize_rows(quantize_row, x, imatrix, out)
+    return out
+
+
+def dequantize(q: np.ndarray, name: str, n_per_row: int) -> np.ndarray:
+    _, dequantize_row = KERNELS[GGMLQuantizationType[name]]
+    out = np.zeros((q.shape[0], n_per_row), dtype=np.float32)
+    dequantize_rows(dequantize_row, q, out)
+    return out
+
+
+def assert_same_as_ggml(x: np.ndarray, name: str, imatrix: np.ndarray) -> np.ndarray:
+    ours = quantize(x, name, imatrix)
+    theirs = ggml_quantize(x, name, imatrix)
+    block_bytes = GGML_QUANT_SIZES[GGMLQuantizationType[name]][1]
+    differing = (ours != theirs).reshape(x.shape[0], -1, block_bytes).any(axis=2)
+    assert not differing.any(), f"{name}: {differing.sum()} of {differing.size} blocks differ from ggml"
+    return ours
+
+
+def assert_decodes_like_ggml(q: np.ndarray, name: str, n_per_row: int) -> None:
+    ours = dequantize(q, name, n_per_row)
+    np.testing.assert_array_equal(ours, ggml_dequantize(q, name))
+    gguf_values = gguf.quants.dequantize(q, GGMLQuantizationType[name]).reshape(ours.shape)
+    np.testing.assert_array_equal(ours, gguf_values)
+
+
+# ggml aborts the process (GGML_ASSERT in iq2_find_best_neighbour) for IQ2_XS on the huge rows
+# (|x| ~ 1e30): see ABORTING_MAGNITUDES below.
+GGML_ABORTS = {("IQ2_XS", "huge")}
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("kind", ROW_KINDS)
+@pytest.mark.parametrize("n_per_row", [256, 512, 1536])
+def test_bytes_equal_ggml(name, kind, n_per_row):
+    if (name, kind) in GGML_ABORTS:
+        return
+    seed = zlib.crc32(f"{name}{kind}{n_per_row}".encode()) % 1000
+    x = make_rows(kind, 4, n_per_row, seed=seed)
+    q = assert_same_as_ggml(x, name, make_imatrix(n_per_row, seed=seed + 1))
+    assert_decodes_like_ggml(q, name, n_per_row)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_equal_ggml_with_a_positive_imatrix(name):
+    rng = np.random.default_rng(7)
+    x = np.concatenate([make_rows(kind, 2, 512, seed=3) for kind in ROW_KINDS if (name, kind) not in GGML_ABORTS])
+    assert_same_as_ggml(x, name, (rng.random(512) + 0.01).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_equal_ggml_up_to_the_largest_magnitudes_ggml_survives(name):
+    rng = np.random.default_rng(5)
+    x = (rng.standard_normal((8, 256)) * 10.0 ** rng.integers(-37, 15, size=(8, 1))).astype(np.float32)
+    assert_same_as_ggml(x, name, make_imatrix(256))
+
+
+# Magnitudes at which the weighted errors overflow to inf and ggml aborts the process (GGML_ASSERT in
+# iq2_find_best_neighbour: no neighbour closer than FLT_MAX), checked in a subprocess for these rows.
+# From 1e19 on, IQ2_XXS's x² overflows too, its scales become NaN and ggml writes zeros instead.
+ABORTING_MAGNITUDES = {"IQ2_XXS": (1e16, 1e17, 1e18), "IQ2_XS": (1e16, 1e18, 1e20, 1e30)}
+
+
+def overflowing_rows(magnitudes) -> np.ndarray:
+    rng = np.random.default_rng(9)
+    return (rng.standard_normal((len(magnitudes), 256)) * np.array(magnitudes)[:, None]).astype(np.float32)
+
+
+def test_iq2_xxs_past_overflow_equals_ggml():
+    assert_same_as_ggml(overflowing_rows((1e19, 1e20, 1e25, 1e30)), "IQ2_XXS", make_imatrix(256))
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_where_ggml_aborts_every_block_gets_an_infinite_scale(name):
+    # These kernels take the lattice-nearest neighbour where ggml aborts; no fp16 super-block scale
+    # reaches such magnitudes anyway, and ggml's decoder reads the blocks as ours does.
+    q = quantize(overflowing_rows(ABORTING_MAGNITUDES[name]), name, make_imatrix(256))
+    assert np.isinf(q[:, :2].copy().view(np.float16)).all()
+    assert_decodes_like_ggml(q, name, 256)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_bytes_equal_ggml_on_smollm2_ffn_down(demo_model_path, name):
+    reader = gguf.GGUFReader(demo_model_path)
+    tensor = next(t for t in reader.tensors if t.name == "blk.5.ffn_down.weight")
+    x = gguf.quants.dequantize(tensor.data, tensor.tensor_type)[:64].copy()
+    assert x.shape == (64, 1536)
+    imatrix = (np.random.default_rng(3).random(1536) * 4 + 0.01).astype(np.float32)
+    q = assert_same_as_ggml(x, name, imatrix)
+    assert_decodes_like_ggml(q, name, 1536)
+
+
+@pytest.mark.parametrize("name", TYPES)
+def test_no_imatrix_is_refused(name):
+    quantize_row, _ = KERNELS[GGMLQuantizationType[name]]
+    out = np.zeros(GGML_QUANT_SIZES[GGMLQuantizationType[name]][1], dtype=np.uint8)
+    with pytest.raises(ValueError, match="importance matrix"):
+        quantize_row(np.ones(256, dtype=np.float32), np.zeros(0, dtype=np.float32), out)
