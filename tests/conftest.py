@@ -109,3 +109,17 @@ def llama_imatrix_table(entries: dict[str, np.ndarray]) -> tuple[object, list]:
         table[index].name, table[index].size = name.encode(), data.size
         table[index].data = data.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
     return table, keep_alive
+
+
+# gguf 0.19 has no decoder for these: ggml's own to_float is the oracle.
+NO_GGUF_DECODER = {gguf.GGMLQuantizationType.Q1_0}
+
+
+def reference_dequantize(q: np.ndarray, ggml_type: gguf.GGMLQuantizationType) -> np.ndarray:
+    """float32 values of q (..., row_bytes) decoded by gguf-py, or by ggml itself where gguf has no decoder."""
+    if ggml_type not in NO_GGUF_DECODER:
+        return gguf.quants.dequantize(q, ggml_type).astype(np.float32)
+    from bpwopt.quant.reference import ggml_dequantize  # needs llama-cpp-python, a test extra
+
+    rows = ggml_dequantize(q.reshape(-1, q.shape[-1]), ggml_type)
+    return rows.reshape(*q.shape[:-1], rows.shape[-1])

@@ -11,9 +11,7 @@ from hypothesis.extra import numpy as hnp
 
 import bpwopt
 from bpwopt.quant.types import QUANT_TYPES
-from tests.conftest import make_imatrix, make_rows
-
-TYPE_NAMES = [quant_type.name for quant_type in QUANT_TYPES.values()]
+from tests.conftest import make_imatrix, make_rows, reference_dequantize
 
 
 @st.composite
@@ -32,20 +30,20 @@ def tensors(draw):
 @given(tensors(), st.booleans())
 def test_round_trip_keeps_shape_and_matches_gguf(case, with_imatrix):
     quant_type, x = case
-    imatrix = make_imatrix(x.shape[-1]) if with_imatrix else None
+    imatrix = make_imatrix(x.shape[-1]) if with_imatrix or quant_type.requires_imatrix else None
     q = bpwopt.quantize(x, quant_type.name, imatrix)
     assert q.dtype == np.uint8
     assert q.shape == (*x.shape[:-1], quant_type.row_bytes(x.shape[-1]))
     y = bpwopt.dequantize(q, quant_type.ggml_type)
     assert y.shape == x.shape and y.dtype == np.float32
-    np.testing.assert_array_equal(y, gguf.quants.dequantize(q, quant_type.ggml_type))
+    np.testing.assert_array_equal(y, reference_dequantize(q, quant_type.ggml_type))
 
 
 @settings(max_examples=100, deadline=None)
 @given(tensors(), st.booleans())
 def test_quant_error_equals_error_of_the_round_trip(case, with_imatrix):
     quant_type, x = case
-    imatrix = make_imatrix(x.shape[-1]) if with_imatrix else None
+    imatrix = make_imatrix(x.shape[-1]) if with_imatrix or quant_type.requires_imatrix else None
     y = bpwopt.dequantize(bpwopt.quantize(x, quant_type.name, imatrix), quant_type.name)
     squared = (x.astype(np.float64) - y.astype(np.float64)) ** 2
     weights = imatrix if imatrix is not None and quant_type.block_size > 1 else 1.0

@@ -564,9 +564,10 @@ def option_cases() -> list[Case]:
         case(
             f"--ignore {shown!r} with a target", ("--quiet", "--dry-run", "--target-bpw", "6", "--ignore", regex, MODEL)
         )
-    for text in ("attn", "=Q4_K", "attn=", "attn=Q9_K", "attn=Q4_K_M", "attn=F64", "attn=TQ1_0", "attn=IQ2_XXS"):
+    for text in ("attn", "=Q4_K", "attn=", "attn=Q9_K", "attn=Q4_K_M", "attn=F64", "attn=NVFP4", "attn=Q2_0",
+                 "attn=IQ2_XXS"):  # fmt: skip
         case(f"--tensor-type {text!r}", ("--quiet", "--dry-run", "--tensor-type", text, MODEL, "Q4_K"))
-    for text in ("Q9_K", "", ",,,", "F64", "IQ2_XXS", "TQ1_0", "F32"):
+    for text in ("Q9_K", "", ",,,", "F64", "IQ2_XXS", "NVFP4", "Q2_0", "F32"):
         case(f"--candidates {text!r}", ("--quiet", "--dry-run", "--target-bpw", "6", "--candidates", text, MODEL))
     for text in (
         "x",
@@ -586,7 +587,7 @@ def option_cases() -> list[Case]:
         case(f"--time-limit {text}", ("--quiet", "--dry-run", "--target-bpw", "6", "--time-limit", text, MODEL))
     for option in ("--sample-rows", "--seed", "--time-limit", "--threads"):
         case(f"{option} abc", ("--dry-run", "--target-bpw", "6", option, "abc", MODEL), "usage")
-    for text in ("Q9_K", "999", "-1", "", "F64", "TQ1_0", "IQ2_XXS"):
+    for text in ("Q9_K", "999", "-1", "", "F64", "NVFP4", "Q2_0", "IQ2_XXS"):
         case(f"TYPE {text!r}", ("--quiet", "--dry-run", MODEL, text))
     for option in ("--output-tensor-type", "--token-embedding-type"):
         for text in ("Q9_K", "F64", "999"):

@@ -124,7 +124,7 @@ class Preset:
 
     @property
     def producible(self) -> bool:
-        """Whether bpwopt has kernels for this preset's base type (IQ1-3, TQ, MXFP4, Q1/2_0: not yet)."""
+        """Whether bpwopt has kernels for this preset's base type (all but Q2_0, which the gguf package lacks)."""
         return self.base_type in QUANT_TYPES
 
 
@@ -254,6 +254,6 @@ def format_presets_help() -> str:
     lines = []
     for preset in PRESETS:
         number = "          " if preset.only_copy else f"  {int(preset.ftype):2d}  or  "
-        note = "" if preset.producible else "  [not in bpwopt yet]"
+        note = "" if preset.producible else f"  [not in bpwopt: the gguf package has no {preset.name}]"
         lines.append(f"{number}{preset.name:<7s} : {preset.description}{note}")
     return "\n".join(lines)

@@ -21,6 +21,7 @@ from bpwopt.quant.kernels import (
     binary,
     floats,
     fp4,
+    iq3,
     iq4,
     kquants_affine,
     kquants_symmetric,
@@ -82,7 +83,7 @@ def row_bytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
 def _build_registry() -> dict[GGMLQuantizationType, QuantType]:
     registry = {}
     best_kernels = best_rounding.KERNELS | best_rounding_super.KERNELS
-    for family in (floats, legacy, kquants_affine, kquants_symmetric, iq4, ternary, binary, fp4):
+    for family in (floats, legacy, kquants_affine, kquants_symmetric, iq3, iq4, ternary, binary, fp4):
         for ggml_type, (quantize_row, dequantize_row) in family.KERNELS.items():
             block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
             best = best_kernels.get(ggml_type)
