@@ -68,7 +68,7 @@ _M_SCALES = _M_QH + SUPER_BLOCK // 16
 
 
 def _search_tables():
-    """(each grid point's levels 0..2 as int64 (2048, 8), kmap int32, neighbour lists uint16).
+    """(each grid point's levels 0..2 as uint8 (2048, 8), kmap int32, neighbour lists uint16).
 
     The quantizers only form points whose 8 levels are all 0..2 (3**8 of the 43692 map entries), so
     only those points' neighbour lists are kept, in ggml's order and format (count, then indices), and
@@ -89,7 +89,7 @@ def _search_tables():
         lists.append(entries)
         kept_size += entries.size
     kept_map[~reachable & (kmap < 0)] = -1
-    return (positions - 1) // 2, kept_map, np.concatenate(lists).astype(np.uint16)
+    return ((positions - 1) // 2).astype(np.uint8), kept_map, np.concatenate(lists).astype(np.uint16)
 
 
 _LEVELS, _KMAP, _NEIGHBOURS = _search_tables()
@@ -151,14 +151,20 @@ def _assign_levels(order, first_middle, first_high, L):
 
 
 @njit(cache=True)
-def _best_neighbour(offset, xb, weight, start, scale, values, L):
+def _best_neighbour(offset, xb, weight, start, scale, values, L, terms):
     """ggml's iq1_find_best_neighbour2: of the grid points listed at _NEIGHBOURS[offset], the one of
     least Σ w·(scale·values[l] − x)² over the group at start; its levels go to L.
 
-    Where no candidate's error is below FLT_MAX (inf or NaN: |x| so large that the float32 sums
-    overflow), ggml scans the whole grid reading x out of bounds (it indexes x by the grid index),
-    finds nothing either and aborts on an assertion; here the first, nearest neighbour is taken.
+    Each element's term w·diff·diff can take only three values, one per level: they are computed
+    once (terms, float32 (8, 3)), each as ggml computes it, and every candidate's sum adds them up in
+    ggml's order. Where no candidate's error is below FLT_MAX (inf or NaN: |x| so large that the
+    float32 sums overflow), ggml scans the whole grid reading x out of bounds (it indexes x by the grid
+    index) and would abort if that found nothing either; here the first, nearest neighbour is taken.
     """
+    for i in range(GROUP):
+        for level in range(3):
+            diff = scale * values[level] - xb[start + i]
+            terms[i, level] = weight[start + i] * diff * diff
     count = np.int64(_NEIGHBOURS[offset])
     best_d2 = _FLOAT_MAX
     grid_index = np.int64(_NEIGHBOURS[offset + 1])
@@ -166,8 +172,7 @@ def _best_neighbour(offset, xb, weight, start, scale, values, L):
         candidate = np.int64(_NEIGHBOURS[offset + j])
         d2 = ZERO
         for i in range(GROUP):
-            diff = scale * values[_LEVELS[candidate, i]] - xb[start + i]
-            d2 += weight[start + i] * diff * diff
+            d2 += terms[i, _LEVELS[candidate, i]]
         if d2 < best_d2:
             best_d2 = d2
             grid_index = candidate
@@ -177,7 +182,7 @@ def _best_neighbour(offset, xb, weight, start, scale, values, L):
 
 
 @njit(cache=True)
-def _snap_group(xb, weight, start, scale, values, L):
+def _snap_group(xb, weight, start, scale, values, L, terms):
     """The grid index of the group's levels L[start:start+8]; an off-grid group takes its best neighbour
     (L updated). Returns (grid index, whether the levels were on the grid)."""
     point = 0
@@ -186,7 +191,7 @@ def _snap_group(xb, weight, start, scale, values, L):
     grid_index = np.int64(_KMAP[point])
     if grid_index >= 0:
         return grid_index, True
-    return _best_neighbour(-grid_index - 1, xb, weight, start, scale, values, L), False
+    return _best_neighbour(-grid_index - 1, xb, weight, start, scale, values, L, terms), False
 
 
 @njit(cache=True)
@@ -210,10 +215,13 @@ def _multiplier_level(inverse_d, scale):
 
 
 @njit(cache=True, error_model="numpy")
-def _s_split(xb, weight, order, sumx, sumw):
+def _s_split(xb, weight, order, sumx, sumw, candidates):
     """The best split of the sorted block into levels (−1, 0, 1) + shift: (scale, i1, i2, shift).
 
-    shift is +1 or −1 (the sign of delta); i1 < 0 where no split has Σw·q² > 0.
+    shift is +1 or −1 (the sign of delta); i1 < 0 where no split has Σw·q² > 0. For each i1, the
+    Σ w·q·x and Σ w·q² of every i2 and both shifts are computed first, in one loop that vectorizes
+    (each value as ggml computes it, term by term), then scanned in ggml's order, since each
+    comparison depends on the best score so far.
     """
     p0, p1, p2 = _PLUS[0], _PLUS[1], _PLUS[2]
     m0, m1, m2 = _MINUS[0], _MINUS[1], _MINUS[2]
@@ -224,6 +232,7 @@ def _s_split(xb, weight, order, sumx, sumw):
         i = order[j]
         sumx[j + 1] = sumx[j] + weight[i] * xb[i]
         sumw[j + 1] = sumw[j] + weight[i]
+    qx_plus, q2_plus, qx_minus, q2_minus = candidates[0], candidates[1], candidates[2], candidates[3]
     best_score = -_FLOAT_MAX
     scale = ZERO
     best_i1 = -1
@@ -232,21 +241,30 @@ def _s_split(xb, weight, order, sumx, sumw):
     for i1 in range(n + 1):
         low_x = sumx[i1] - sumx[0]
         low_w = sumw[i1] - sumw[0]
+        low_qx_plus = low_x * p0
+        low_qx_minus = low_x * m0
+        low_q2_plus = low_w * p0 * p0
+        low_q2_minus = low_w * m0 * m0
         for i2 in range(i1, n + 1):
             middle_x = sumx[i2] - sumx[i1]
             high_x = sumx[n] - sumx[i2]
             middle_w = sumw[i2] - sumw[i1]
             high_w = sumw[n] - sumw[i2]
-            sumqx = low_x * p0 + middle_x * p1 + high_x * p2
-            sumq2 = low_w * p0 * p0 + middle_w * p1 * p1 + high_w * p2 * p2
+            qx_plus[i2] = low_qx_plus + middle_x * p1 + high_x * p2
+            q2_plus[i2] = low_q2_plus + middle_w * p1 * p1 + high_w * p2 * p2
+            qx_minus[i2] = low_qx_minus + middle_x * m1 + high_x * m2
+            q2_minus[i2] = low_q2_minus + middle_w * m1 * m1 + high_w * m2 * m2
+        for i2 in range(i1, n + 1):
+            sumqx = qx_plus[i2]
+            sumq2 = q2_plus[i2]
             if sumq2 > ZERO and sumqx * sumqx > best_score * sumq2:
                 scale = sumqx / sumq2
                 best_score = scale * sumqx
                 best_i1 = i1
                 best_i2 = i2
                 best_shift = 1
-            sumqx = low_x * m0 + middle_x * m1 + high_x * m2
-            sumq2 = low_w * m0 * m0 + middle_w * m1 * m1 + high_w * m2 * m2
+            sumqx = qx_minus[i2]
+            sumq2 = q2_minus[i2]
             if sumq2 > ZERO and sumqx * sumqx > best_score * sumq2:
                 scale = sumqx / sumq2
                 best_score = scale * sumqx
@@ -258,7 +276,7 @@ def _s_split(xb, weight, order, sumx, sumw):
 
 @njit(cache=True, error_model="numpy")
 def _quantize_s_super_block(xbl, imatrix, out, offset, scratch):
-    weight, scales, shifts, order, L, index, sumx, sumw = scratch
+    weight, scales, shifts, order, L, index, sumx, sumw, candidates, terms = scratch
     out[offset : offset + _S_BYTES] = 0
     _super_block_weights(xbl, imatrix, weight)
     max_scale = ZERO
@@ -271,7 +289,7 @@ def _quantize_s_super_block(xbl, imatrix, out, offset, scratch):
         if _block_max(xb) < _S_MAX_EPS:
             continue
         _sort_order(xb, order)
-        scale, i1, i2, shift = _s_split(xb, wb, order, sumx, sumw)
+        scale, i1, i2, shift = _s_split(xb, wb, order, sumx, sumw, candidates)
         if i1 < 0:
             continue
         _assign_levels(order, i1, i2, L)
@@ -283,7 +301,7 @@ def _quantize_s_super_block(xbl, imatrix, out, offset, scratch):
         values = _PLUS if shift == 1 else _MINUS
         all_on_grid = True
         for k in range(_S_BLOCK // GROUP):
-            index[k], on_grid = _snap_group(xb, wb, GROUP * k, scale, values, L)
+            index[k], on_grid = _snap_group(xb, wb, GROUP * k, scale, values, L, terms)
             all_on_grid &= on_grid
         if not all_on_grid:
             sumqx = ZERO
@@ -324,6 +342,8 @@ def _s_scratch():
         np.empty(_S_BLOCK // GROUP, dtype=np.int64),  # index
         np.empty(_S_BLOCK + 1, dtype=np.float32),  # sumx
         np.empty(_S_BLOCK + 1, dtype=np.float32),  # sumw
+        np.empty((4, _S_BLOCK + 1), dtype=np.float32),  # Σw·q·x and Σw·q² of each split, both shifts
+        np.empty((GROUP, 3), dtype=np.float32),  # the neighbour search's error terms
     )
 
 
@@ -443,7 +463,7 @@ def _m_group_values(shift_k, k):
 
 @njit(cache=True, error_model="numpy")
 def _quantize_m_super_block(xbl, imatrix, out, offset, scratch):
-    weight, scales, shifts, order, L, index, prefix_x, prefix_w = scratch
+    weight, scales, shifts, order, L, index, prefix_x, prefix_w, terms = scratch
     out[offset : offset + _M_BYTES] = 0
     _super_block_weights(xbl, imatrix, weight)
     max_scale = ZERO
@@ -467,7 +487,7 @@ def _quantize_m_super_block(xbl, imatrix, out, offset, scratch):
             shift_k = 3 - shift_k  # both groups' shifts flip
         all_on_grid = True
         for k in range(_M_BLOCK // GROUP):
-            index[k], on_grid = _snap_group(xb, wb, GROUP * k, scale, _m_group_values(shift_k, k), L)
+            index[k], on_grid = _snap_group(xb, wb, GROUP * k, scale, _m_group_values(shift_k, k), L, terms)
             all_on_grid &= on_grid
         if not all_on_grid:
             sumqx = ZERO
@@ -525,6 +545,7 @@ def _m_scratch():
         np.empty(_M_BLOCK // GROUP, dtype=np.int64),  # index
         np.empty((2, _M_BLOCK + 1), dtype=np.float32),  # prefix sums of w·x per group
         np.empty((2, _M_BLOCK + 1), dtype=np.float32),  # prefix sums of w per group
+        np.empty((GROUP, 3), dtype=np.float32),  # the neighbour search's error terms
     )
 
 

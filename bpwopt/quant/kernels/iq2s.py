@@ -43,27 +43,33 @@ _SCALES = _QH + SUPER_BLOCK // 32
 
 
 def _search_tables():
-    """(grid coordinates 2l+1 as float32 (1024, 8), levels l as int64 (1024, 8), kmap, neighbours)."""
+    """(each grid point's levels l (coordinates 2l+1) as uint8 (1024, 8), kmap int32, neighbours uint16)."""
     grid, kmap, neighbours = iq2_tables(1024)
-    positions = grid.view(np.int8).reshape(-1, GROUP).astype(np.int64)
-    return positions.astype(np.float32), (positions - 1) // 2, kmap, neighbours
+    positions = grid.view(np.int8).reshape(-1, GROUP)
+    return ((positions - 1) // 2).astype(np.uint8), kmap, neighbours
 
 
-_POSITIONS, _LEVELS, _KMAP, _NEIGHBOURS = _search_tables()
+_LEVELS, _KMAP, _NEIGHBOURS = _search_tables()
 # The decoder reads ggml-common.h's grid (bytes 8, 25, 43 for the coordinates 1, 3, 5), as ggml's does.
 _GRID_VALUES = grid_table("iq2s_grid").view(np.uint8).reshape(-1, GROUP).astype(np.float32)
 _SIGN_MASKS = grid_table("kmask_iq2xs").astype(np.int64)
 
 
 @njit(cache=True)
-def _best_neighbour(offset, xval, waux, start, scale, L):
+def _best_neighbour(offset, xval, waux, start, scale, L, terms):
     """ggml's iq2_find_best_neighbour: of the grid points listed at _NEIGHBOURS[offset], the one of
     least Σ w·(scale·q − x)² over the group at start (w the square roots of the weights); its levels
     go to L.
 
-    Where no candidate's error is below FLT_MAX (inf or NaN: |x| so large that the float32 sums
-    overflow), ggml aborts on an assertion; here the first, nearest neighbour is taken.
+    Each element's term w·diff·diff can take only three values, one per level: they are computed
+    once (terms, float32 (8, 3)), each as ggml computes it, and every candidate's sum adds them up in
+    ggml's order. Where no candidate's error is below FLT_MAX (inf or NaN: |x| so large that the
+    float32 sums overflow), ggml aborts on an assertion; here the first, nearest neighbour is taken.
     """
+    for i in range(GROUP):
+        for level in range(_MAX_LEVEL + 1):
+            diff = scale * F32(2 * level + 1) - xval[start + i]
+            terms[i, level] = waux[start + i] * diff * diff
     count = np.int64(_NEIGHBOURS[offset])
     best_d2 = _FLOAT_MAX
     grid_index = np.int64(_NEIGHBOURS[offset + 1])
@@ -71,8 +77,7 @@ def _best_neighbour(offset, xval, waux, start, scale, L):
         candidate = np.int64(_NEIGHBOURS[offset + j])
         d2 = ZERO
         for i in range(GROUP):
-            diff = scale * _POSITIONS[candidate, i] - xval[start + i]
-            d2 += waux[start + i] * diff * diff
+            d2 += terms[i, _LEVELS[candidate, i]]
         if d2 < best_d2:
             best_d2 = d2
             grid_index = candidate
@@ -114,7 +119,7 @@ def _weighted_sums(xval, weight, L):
 
 
 @njit(cache=True, error_model="numpy")
-def _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux):
+def _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux, terms):
     """The scale search of one block; leaves the chosen levels in L (every group on the grid)."""
     L[:] = 0  # a block where no trial wins codes all levels 0, as ggml's memset leaves them
     best = ZERO
@@ -128,7 +133,7 @@ def _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux):
             grid_index = _KMAP[_round_group(xval, start, inverse_scale, Laux)]
             on_grid_aux[k] = grid_index >= 0
             if grid_index < 0:
-                _best_neighbour(-grid_index - 1, xval, waux, start, this_scale, Laux)
+                _best_neighbour(-grid_index - 1, xval, waux, start, this_scale, Laux, terms)
         sumqx, sumq2 = _weighted_sums(xval, weight, Laux)
         if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
             scale = sumqx / sumq2
@@ -143,7 +148,7 @@ def _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux):
             start = GROUP * k
             grid_index = _KMAP[_round_group(xval, start, inverse_scale, L)]
             if grid_index < 0:
-                _best_neighbour(-grid_index - 1, xval, waux, start, scale, L)
+                _best_neighbour(-grid_index - 1, xval, waux, start, scale, L, terms)
         sumqx, sumq2 = _weighted_sums(xval, weight, L)
         if sumq2 > ZERO:
             scale = sumqx / sumq2
@@ -158,7 +163,7 @@ def _multiplier_level(inverse_d, scale):
 
 @njit(cache=True, error_model="numpy")
 def _quantize_super_block(xbl, imatrix, out, offset, scratch):
-    scales, weight, waux, xval, L, Laux, on_grid, on_grid_aux, signs = scratch
+    scales, weight, waux, xval, L, Laux, on_grid, on_grid_aux, signs, terms = scratch
     out[offset : offset + _BYTES] = 0
     sumx2 = ZERO
     for i in range(SUPER_BLOCK):
@@ -192,7 +197,7 @@ def _quantize_super_block(xbl, imatrix, out, offset, scratch):
         if max_value < _MAX_EPS:
             scales[ib] = ZERO
             continue
-        scale = _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux)
+        scale = _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux, terms)
         if scale < ZERO:  # cannot happen (Σ w·x·q ≥ 0), kept as ggml has it
             scale = -scale
             for k in range(_GROUPS):
@@ -231,6 +236,7 @@ def _row_scratch():
         np.empty(_GROUPS, dtype=np.bool_),  # on_grid
         np.empty(_GROUPS, dtype=np.bool_),  # on_grid_aux
         np.zeros(_GROUPS, dtype=np.int64),  # sign bits of each group
+        np.empty((GROUP, _MAX_LEVEL + 1), dtype=np.float32),  # the neighbour search's error terms
     )
 
 
