@@ -72,7 +72,7 @@ def _search_tables():
 
     The quantizers only form points whose 8 levels are all 0..2 (3**8 of the 43692 map entries), so
     only those points' neighbour lists are kept, in ggml's order and format (count, then indices), and
-    the map is pointed at them: 0.3 MB instead of 2.75 MB, under Numba's 1 MB limit for arrays it
+    the map is pointed at them: 0.66 MB instead of 2.75 MB, under Numba's 1 MB limit for arrays it
     freezes into (cacheable) compiled code. The unreachable off-grid entries point at the first list.
     """
     grid, kmap, neighbours = iq2_tables(2048)
