@@ -21,6 +21,9 @@ from bpwopt.quant.kernels import (
     binary,
     floats,
     fp4,
+    iq1,
+    iq2,
+    iq2s,
     iq3,
     iq4,
     kquants_affine,
@@ -83,7 +86,9 @@ def row_bytes(ggml_type: GGMLQuantizationType, n_per_row: int) -> int:
 def _build_registry() -> dict[GGMLQuantizationType, QuantType]:
     registry = {}
     best_kernels = best_rounding.KERNELS | best_rounding_super.KERNELS
-    for family in (floats, legacy, kquants_affine, kquants_symmetric, iq3, iq4, ternary, binary, fp4):
+    for family in (
+        floats, legacy, kquants_affine, kquants_symmetric, iq1, iq2, iq2s, iq3, iq4, ternary, binary, fp4
+    ):
         for ggml_type, (quantize_row, dequantize_row) in family.KERNELS.items():
             block_size, block_bytes = GGML_QUANT_SIZES[ggml_type]
             best = best_kernels.get(ggml_type)
