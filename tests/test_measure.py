@@ -45,6 +45,12 @@ def test_row_length_not_a_multiple_of_32_falls_back_to_f16():
     assert candidate_types(100, [Q.Q4_K, Q.Q8_0]) == (Q.F16,)
 
 
+def test_a_candidate_without_a_fallback_is_left_out_where_its_block_does_not_fit():
+    # Q1_0's blocks are 128 wide and llama.cpp defines no fallback for it; the i-quants fall back to IQ4_NL
+    assert candidate_types(576, [Q.Q1_0, Q.IQ2_XXS, Q.TQ1_0]) == (Q.IQ4_NL, Q.Q4_0)
+    assert candidate_types(640, [Q.Q1_0, Q.MXFP4]) == (Q.Q1_0, Q.MXFP4)
+
+
 def test_small_tensors_are_measured_whole():
     sample = sample_rows(500, Sampling(max_rows=1024), "blk.0.attn_q.weight")
     assert sample.complete and np.array_equal(sample.rows, np.arange(500))

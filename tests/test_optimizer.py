@@ -16,6 +16,7 @@ from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.measure.measure import Sampling
 from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.solve.targets import Target
+from bpwopt.state.store import StateFile, read_identity
 
 pytestmark = pytest.mark.slow  # the optimizer end to end on the demo model
 
@@ -138,3 +139,22 @@ def test_requantizing_needs_the_flag_before_anything_is_measured(demo_model_path
     assert main(["--target-bpw", "5", str(demo_model_path), str(tmp_path / "o.gguf")]) == 1
     assert "--allow-requantize" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_types_that_need_an_imatrix_are_candidates_only_with_one(demo_model_path, tmp_path, capsys):
+    argv = ["--allow-requantize", "--json", *SAMPLE, "--dry-run", "--target-bpw", "6", "--state-file"]
+    weighted = ["--imatrix", str(Path(__file__).resolve().parents[1] / "data" / "smollm2-135m-q4_1.imatrix.gguf")]
+    candidates = ["--candidates", "IQ2_XXS,IQ3_S,Q8_0"]
+    measured = {}
+    for label, extra in (("plain", []), ("imat", weighted)):
+        state = tmp_path / f"{label}.bpw_state"
+        assert main([*argv, str(state), *candidates, *extra, str(demo_model_path)]) == 0
+        with StateFile.open(state, read_identity(state), create=False) as opened:
+            measured[label] = {qtype for tensor, qtype in opened.measurements() if tensor == "blk.0.ffn_down.weight"}
+    assert measured == {"plain": {"IQ3_S", "Q8_0"}, "imat": {"IQ2_XXS", "IQ3_S", "Q8_0"}}  # 1536 wide: no fallback
+
+    only = [*argv, str(tmp_path / "only.bpw_state"), "--candidates"]
+    assert main([*only, "IQ2_XXS", str(demo_model_path)]) == 1
+    assert "can be quantized without an importance matrix for blk.0.ffn_down.weight" in capsys.readouterr().err
+    assert main([*only, "Q1_0", str(demo_model_path)]) == 1
+    assert "fits the 576-wide rows of" in capsys.readouterr().err

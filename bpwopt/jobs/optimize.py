@@ -222,9 +222,12 @@ def _quantizable_types(
     fitted = candidate_types(tensor.shape[0], candidates)
     types = tuple(t for t in fitted if weighted or not QUANT_TYPES[t].requires_imatrix)
     if not types:
-        needy = ", ".join(t.name for t in candidates)
-        raise BpwoptError(f"{name}: none of the candidate types ({needy}) can be quantized without an importance "
-                          "matrix for this tensor; give --imatrix or other --candidates")  # fmt: skip
+        given = ", ".join(t.name for t in candidates)
+        if fitted:
+            raise BpwoptError(f"none of the candidate types ({given}) can be quantized without an importance matrix "
+                              f"for {name}; give --imatrix or other --candidates")  # fmt: skip
+        raise BpwoptError(f"none of the candidate types ({given}) fits the {tensor.shape[0]}-wide rows of {name}; "
+                          "give other --candidates")  # fmt: skip
     return types
 
 
@@ -526,8 +529,11 @@ def _comparisons(
         if job.type_text and preset != policy.recipe:
             continue
         seen_ftypes.add(preset.ftype)  # aliases (Q4_K for Q4_K_M) are the same recipe
-        choice = problem.choice_of(plan_types(source.specs, source.model, preset, source.options,
-                                              check_writable=False).types())  # fmt: skip
+        try:
+            preset_plan = plan_types(source.specs, source.model, preset, source.options, check_writable=False)
+        except BpwoptError:  # llama.cpp cannot write it for this model (Q1_0 on 576-wide rows): no comparison
+            continue
+        choice = problem.choice_of(preset_plan.types())
         if choice is not None:
             choices[preset.name] = choice
     smaller = [name for name, choice in choices.items() if problem.cost(choice) <= budget]

@@ -14,6 +14,7 @@ as it exists, so the state file commits it before the next one is handed over.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import re
@@ -71,8 +72,14 @@ class RowSample:
 
 
 def candidate_types(row_length: int, candidates: Iterable[GGMLQuantizationType]) -> tuple[GGMLQuantizationType, ...]:
-    """The types a tensor with this row length can take: llama.cpp's fallbacks applied, smallest first."""
-    fitted = {fallback_type(candidate, row_length) for candidate in candidates}
+    """The types a tensor with this row length can take: llama.cpp's fallbacks applied, smallest first.
+
+    A candidate llama.cpp has no fallback for (Q1_0 on rows that are not a multiple of 128) is left out.
+    """
+    fitted = set()
+    for candidate in candidates:
+        with contextlib.suppress(BpwoptError):
+            fitted.add(fallback_type(candidate, row_length))
     return tuple(sorted(fitted, key=lambda t: (QUANT_TYPES[t].bits_per_weight, t.name)))
 
 
