@@ -31,12 +31,14 @@ there, and the state (measurements, sensitivities, the optuna study) resumes.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
 
+from bpwopt.cli.main import parse_candidates
 from bpwopt.demo import gemma3_path, smollm2_path
 from bpwopt.formats.gguf_reader import open_gguf
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
@@ -80,6 +82,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calibration-ctx", type=int, default=256)
     parser.add_argument("--trials", type=int, default=16, help="optuna trials for the tuned method")
     parser.add_argument("--chunks", type=int, default=None, help="evaluation windows (default: evaluate's)")
+    parser.add_argument("--candidates", default=None, help="T1,T2,... as bpwopt's --candidates (default: bpwopt's)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--work", type=Path, default=None, help="directory for models and states (default: temp)")
     parser.add_argument("--out", type=Path, required=True, help="markdown table, appended to and resumed from")
@@ -100,10 +103,13 @@ def main() -> None:
         args.out.write_text(HEADER)
     done = measured_rows(args.out)
     bpwopt_label = label if args.rounding == DEFAULT_ROUNDING else f"{label}-{args.rounding}"  # its own states
+    candidates = parse_candidates(args.candidates)
+    if args.candidates:
+        bpwopt_label += "-" + hashlib.sha256(",".join(t.name for t in candidates).encode()).hexdigest()[:8]
     measured = work / f"{args.model}-{bpwopt_label}.bpw_state"  # every candidate measured, nothing calibrated
     solve = OptimizeJob(
         input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,
-        state_path=measured, objective="relative", rounding=args.rounding, progress=False,
+        state_path=measured, objective="relative", rounding=args.rounding, candidates=candidates, progress=False,
     )  # fmt: skip
     presets = {
         name: quantize_preset(base, name, imatrix, work / f"{name}-{label}-preset.gguf") for name in args.presets
