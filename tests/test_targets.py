@@ -82,7 +82,7 @@ def test_candidates_are_parsed_case_insensitively_without_duplicates():
 
 
 @pytest.mark.parametrize(
-    ("text", "message"), [("Q4_K,IQ2_XXS", "cannot produce IQ2_XXS"), ("Q9", "invalid"), (",", "at least")]
+    ("text", "message"), [("Q4_K,NVFP4", "cannot produce NVFP4"), ("Q9", "invalid"), (",", "at least")]
 )
 def test_bad_candidates_are_refused(text, message):
     with pytest.raises(BpwoptError, match=message):
