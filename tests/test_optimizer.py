@@ -32,7 +32,7 @@ def run_json(capsys, *arguments) -> dict:
 def measured_state(demo_model_path, tmp_path_factory) -> Path:
     """A state file holding every candidate of every tensor, measured once for the whole module."""
     state = tmp_path_factory.mktemp("state") / "smollm2.bpw_state"
-    argv = ["--allow-requantize", "--quiet", *SAMPLE, "--state-file", str(state), "--dry-run", "--target-bpw", "6"]
+    argv = ["--allow-requantize", "--quiet", *SAMPLE, "--state-file", str(state), "--dry-run", "--target-bpw", "5"]
     assert main([*argv, str(demo_model_path)]) == 0
     return state
 
@@ -64,7 +64,7 @@ def _dense_range(report) -> tuple[float, float]:
 
 
 def test_bpw_targets_land_just_below_across_the_reachable_range(demo_model_path, measured_state):
-    first = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=6)))
+    first = optimize_file(job(demo_model_path, measured_state, Target(bits_per_weight=5)))
     low, high = _dense_range(first)
     for bpw in np.linspace(low, high, 12):
         bpw = math.ceil(bpw * 1e4) / 1e4
