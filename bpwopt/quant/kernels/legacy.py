@@ -21,7 +21,7 @@ from bpwopt.quant.kernels.numerics import (
     sum_of_squares,
 )
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.quant.kernels.scale_search import make_qkx3_quants, make_qx_quants, signed_max
+from bpwopt.quant.kernels.scale_search import make_qkx3_quants, make_qx_quants
 
 QK, _ = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
 HALF_QK = QK // 2
@@ -47,23 +47,6 @@ def _to_int8(value):
     """(int8_t) of a float: truncate to int32 as x86 does, keep the low byte, signed."""
     low = c_float_to_int(value) & 0xFF
     return low - 256 if low > 127 else low
-
-
-@njit(cache=True)
-def _to_uint8(value):
-    return c_float_to_int(value) & 0xFF
-
-
-@njit(cache=True)
-def _min_max(x):
-    lo = _FLOAT32_MAX
-    hi = -lo
-    for value in x:
-        if value < lo:
-            lo = value
-        if value > hi:
-            hi = value
-    return lo, hi
 
 
 @njit(cache=True)
@@ -105,34 +88,166 @@ def _pack_high_bits(levels, out, offset):
 
 
 @njit(cache=True)
-def _symmetric_ref_levels(x, nmax, levels):
-    """Q4_0/Q5_0 reference: d = max / −nmax, levels = trunc(x/d + nmax + ½); returns d."""
-    max_value, _ = signed_max(x)
-    d = max_value / F32(-nmax)
-    inverse_d = inverse_or_zero(d)
-    offset = F32(nmax) + HALF
-    for j in range(QK):
-        levels[j] = min(2 * nmax - 1, _to_int8(x[j] * inverse_d + offset)) & 0xFF
-    return d
+def _c_float_to_int32(value):
+    """c_float_to_int for a float32, in 32-bit lanes: the select keeps the loops calling it vectorized."""
+    in_range = (value >= F32(-2147483648.0)) & (value < F32(2147483648.0))
+    return np.int32(value) if in_range else np.int32(-2147483648)
 
 
 @njit(cache=True)
-def _affine_ref_levels(x, nmax, levels, clamp):
-    """Q4_1/Q5_1 reference: d = (max − min)/nmax, levels = trunc((x − min)/d + ½); returns (d, min)."""
-    lo, hi = _min_max(x)
-    d = (hi - lo) / F32(nmax)
-    inverse_d = inverse_or_zero(d)
+def _c_float_to_int8(value):
+    """(int8_t) of a float32 as x86 performs it, as an int32."""
+    low = np.int32(_c_float_to_int32(value) & np.int32(0xFF))
+    return np.int32(low - np.int32(256)) if low > np.int32(127) else low
+
+
+@njit(cache=True)
+def _float_bits(value):
+    return np.int32(F32(value).view(np.int32))
+
+
+@njit(cache=True)
+def _is_nan_bits(bits):
+    return np.int32(bits & np.int32(0x7FFFFFFF)) > np.int32(0x7F800000)
+
+
+@njit(cache=True)
+def _order_key(bits):
+    """An int32 that orders float32 bits as their values (−0 just below +0), so the
+    block extremes are integer reductions, which vectorize where float ones may not."""
+    return np.int32(bits ^ np.int32(np.int32(bits >> np.int32(31)) & np.int32(0x7FFFFFFF)))
+
+
+@njit(cache=True)
+def _first_of_value(block, value):
+    """The first element of block equal to value: it carries the sign a C min/max loop keeps for ±0."""
+    for element in block:
+        if element == value:
+            return element
+    return value
+
+
+@njit(cache=True)
+def _block_extremes(block):
+    """Least and greatest element of a 32-element block, NaNs skipped, FLT_MAX / −FLT_MAX
+    when none; a zero extreme may carry either sign."""
+    lo_key = _order_key(_float_bits(_FLOAT32_MAX))
+    hi_key = _order_key(_float_bits(-_FLOAT32_MAX))
     for j in range(QK):
-        scaled = (x[j] - lo) * inverse_d + HALF
-        levels[j] = min(nmax, _to_int8(scaled)) & 0xFF if clamp else _to_uint8(scaled)
-    return d, lo
+        bits = _float_bits(block[j])
+        key = _order_key(bits)
+        nan = _is_nan_bits(bits)
+        lo_key = min(lo_key, np.int32(0x7FFFFFFF) if nan else key)
+        hi_key = max(hi_key, np.int32(-2147483648) if nan else key)
+    # The key map is its own inverse.
+    return np.int32(_order_key(lo_key)).view(np.float32), np.int32(_order_key(hi_key)).view(np.float32)
+
+
+@njit(cache=True)
+def _first_of_either(block, first, second):
+    """Whichever of two values comes first in block (first when neither does)."""
+    for element in block:
+        if element == first:
+            return first
+        if element == second:
+            return second
+    return first
+
+
+@njit(cache=True)
+def _block_signed_max(block):
+    """signed_max(block)[0] of a 32-element block: the first element of largest magnitude
+    (NaNs skipped), +0 for an all-zero block."""
+    lo, hi = _block_extremes(block)
+    if hi > -lo:
+        return hi
+    if hi < -lo:
+        return lo
+    if hi <= ZERO:  # all zero, or nothing but NaNs: C keeps its initial +0
+        return ZERO
+    return _first_of_either(block, hi, lo)
+
+
+@njit(cache=True)
+def _block_min_max(block):
+    """C's `if (v < min) min = v; if (v > max) max = v;` over a 32-element block, from
+    FLT_MAX / −FLT_MAX, NaNs skipped: a zero extreme is the block's first zero, with its sign."""
+    lo, hi = _block_extremes(block)
+    if lo == ZERO:
+        lo = _first_of_value(block, lo)
+    if hi == ZERO:
+        hi = _first_of_value(block, hi)
+    return lo, hi
+
+
+@njit(cache=True)
+def _store_high_bits(qh, out, offset):
+    for k in range(4):
+        out[offset + k] = np.uint8((qh >> np.uint32(8 * k)) & np.uint32(0xFF))
+
+
+@njit(cache=True)
+def _quantize_symmetric_ref(x, out, nmax, block_bytes, has_high_bits):
+    """Q4_0/Q5_0 reference: d = max / −nmax, levels = min(2·nmax−1, (int8)(x/d + nmax + ½))."""
+    top = np.int32(2 * nmax - 1)
+    level_offset = F32(nmax) + HALF
+    nibbles = 6 if has_high_bits else 2
+    for block_index in range(x.size // QK):
+        block = x[block_index * QK:(block_index + 1) * QK]
+        d = _block_signed_max(block) / F32(-nmax)
+        inverse_d = inverse_or_zero(d)
+        offset = block_index * block_bytes
+        store_fp16(out, offset, d)
+        qs = out[offset + nibbles:offset + nibbles + HALF_QK]
+        qh = np.uint32(0)
+        for j in range(HALF_QK):
+            low = min(top, _c_float_to_int8(block[j] * inverse_d + level_offset)) & np.int32(0xFF)
+            high = min(top, _c_float_to_int8(block[j + HALF_QK] * inverse_d + level_offset)) & np.int32(0xFF)
+            if has_high_bits:
+                qs[j] = np.uint8((low & np.int32(0x0F)) | ((high & np.int32(0x0F)) << np.int32(4)))
+                qh |= np.uint32((low >> np.int32(4)) & np.int32(1)) << np.uint32(j)
+                qh |= np.uint32((high >> np.int32(4)) & np.int32(1)) << np.uint32(j + HALF_QK)
+            else:
+                qs[j] = np.uint8((low | (high << np.int32(4))) & np.int32(0xFF))
+        if has_high_bits:
+            _store_high_bits(qh, out, offset + 2)
+
+
+@njit(cache=True)
+def _quantize_affine_ref(x, out, nmax, block_bytes, has_high_bits):
+    """Q4_1/Q5_1 reference: d = (max − min)/nmax, levels = (x − min)/d + ½ truncated,
+    clamped to 15 through int8 for Q4_1 and taken mod 256 through uint8 for Q5_1, as in C."""
+    nibbles = 8 if has_high_bits else 4
+    for block_index in range(x.size // QK):
+        block = x[block_index * QK:(block_index + 1) * QK]
+        lo, hi = _block_min_max(block)
+        d = (hi - lo) / F32(nmax)
+        inverse_d = inverse_or_zero(d)
+        offset = block_index * block_bytes
+        store_fp16(out, offset, d)
+        store_fp16(out, offset + 2, lo)
+        qs = out[offset + nibbles:offset + nibbles + HALF_QK]
+        qh = np.uint32(0)
+        for j in range(HALF_QK):
+            scaled_low = (block[j] - lo) * inverse_d + HALF
+            scaled_high = (block[j + HALF_QK] - lo) * inverse_d + HALF
+            if has_high_bits:
+                low = _c_float_to_int32(scaled_low) & np.int32(0xFF)
+                high = _c_float_to_int32(scaled_high) & np.int32(0xFF)
+                qs[j] = np.uint8((low & np.int32(0x0F)) | ((high & np.int32(0x0F)) << np.int32(4)))
+                qh |= np.uint32((low >> np.int32(4)) & np.int32(1)) << np.uint32(j)
+                qh |= np.uint32((high >> np.int32(4)) & np.int32(1)) << np.uint32(j + HALF_QK)
+            else:
+                low = min(np.int32(nmax), _c_float_to_int8(scaled_low)) & np.int32(0xFF)
+                high = min(np.int32(nmax), _c_float_to_int8(scaled_high)) & np.int32(0xFF)
+                qs[j] = np.uint8((low | (high << np.int32(4))) & np.int32(0xFF))
+        if has_high_bits:
+            _store_high_bits(qh, out, offset + 4)
 
 
 @njit(cache=True)
 def _symmetric_levels(block, imatrix, sigma2, nmax, levels, weight, signed_levels):
-    """Scale and levels 0..2·nmax−1 of one symmetric block, with or without an imatrix."""
-    if imatrix.size == 0:
-        return _symmetric_ref_levels(block, nmax, levels)
+    """Scale and levels 0..2·nmax−1 of one symmetric block with an imatrix."""
     _importance(block, imatrix, sigma2, weight)
     d = make_qx_quants(nmax, block, signed_levels, 1, weight)
     for j in range(QK):
@@ -141,10 +256,8 @@ def _symmetric_levels(block, imatrix, sigma2, nmax, levels, weight, signed_level
 
 
 @njit(cache=True)
-def _affine_levels(block, imatrix, sigma2, nmax, levels, weight, aux, clamp):
-    """Scale, min and levels 0..nmax of one affine block, with or without an imatrix."""
-    if imatrix.size == 0:
-        return _affine_ref_levels(block, nmax, levels, clamp)
+def _affine_levels(block, imatrix, sigma2, nmax, levels, weight, aux):
+    """Scale, min and levels 0..nmax of one affine block with an imatrix."""
     _importance(block, imatrix, sigma2, weight)
     d, the_min = make_qkx3_quants(nmax, block, weight, levels, aux, F32(-0.9), F32(0.05), 36, False)
     return d, -the_min
@@ -152,13 +265,16 @@ def _affine_levels(block, imatrix, sigma2, nmax, levels, weight, aux, clamp):
 
 @njit(cache=True)
 def _quantize_symmetric(x, imatrix, out, nmax, block_bytes, has_high_bits):
-    sigma2 = _row_sigma2(x) if imatrix.size else ZERO
+    if imatrix.size == 0:
+        _quantize_symmetric_ref(x, out, nmax, block_bytes, has_high_bits)
+        return
+    sigma2 = _row_sigma2(x)
     levels = np.empty(QK, dtype=np.uint8)
     weight = np.empty(QK, dtype=np.float32)
     signed_levels = np.empty(QK, dtype=np.int8)
     for block in range(x.size // QK):
         start = block * QK
-        block_imatrix = imatrix[start:start + QK] if imatrix.size else imatrix
+        block_imatrix = imatrix[start:start + QK]
         d = _symmetric_levels(
             x[start:start + QK], block_imatrix, sigma2, nmax, levels, weight, signed_levels
         )
@@ -169,15 +285,18 @@ def _quantize_symmetric(x, imatrix, out, nmax, block_bytes, has_high_bits):
 
 @njit(cache=True)
 def _quantize_affine(x, imatrix, out, nmax, block_bytes, has_high_bits):
-    sigma2 = _row_sigma2(x) if imatrix.size else ZERO
+    if imatrix.size == 0:
+        _quantize_affine_ref(x, out, nmax, block_bytes, has_high_bits)
+        return
+    sigma2 = _row_sigma2(x)
     levels = np.empty(QK, dtype=np.uint8)
     weight = np.empty(QK, dtype=np.float32)
     aux = np.empty(QK, dtype=np.uint8)
     for block in range(x.size // QK):
         start = block * QK
-        block_imatrix = imatrix[start:start + QK] if imatrix.size else imatrix
+        block_imatrix = imatrix[start:start + QK]
         d, lo = _affine_levels(
-            x[start:start + QK], block_imatrix, sigma2, nmax, levels, weight, aux, not has_high_bits
+            x[start:start + QK], block_imatrix, sigma2, nmax, levels, weight, aux
         )
         offset = block * block_bytes
         store_fp16(out, offset, d)
