@@ -11,17 +11,19 @@ from numba import njit
 from bpwopt.quant.kernels.numerics import (
     bf16_bits_to_fp32,
     fp32_to_bf16_bits,
+    fp32_to_fp16_bits,
     load_fp16,
     load_u16,
-    store_fp16,
-    store_u16,
 )
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
 
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_f32(x, imatrix, out):
-    out[:] = x.view(np.uint8)
+    # A loop over float32 words: Numba's byte-wise slice copy runs at a third of the speed.
+    words = out.view(np.float32)
+    for j in range(x.size):
+        words[j] = x[j]
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
@@ -31,8 +33,9 @@ def dequantize_row_f32(q, out):
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_f16(x, imatrix, out):
+    halves = out.view(np.uint16)  # whole little-endian words: the loop vectorizes
     for j in range(x.size):
-        store_fp16(out, 2 * j, x[j])
+        halves[j] = fp32_to_fp16_bits(x[j])
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
@@ -43,8 +46,9 @@ def dequantize_row_f16(q, out):
 
 @njit(QUANTIZE_ROW, cache=True)
 def quantize_row_bf16(x, imatrix, out):
+    halves = out.view(np.uint16)
     for j in range(x.size):
-        store_u16(out, 2 * j, fp32_to_bf16_bits(x[j]))
+        halves[j] = fp32_to_bf16_bits(x[j])
 
 
 @njit(DEQUANTIZE_ROW, cache=True)
