@@ -123,3 +123,57 @@ def reference_dequantize(q: np.ndarray, ggml_type: gguf.GGMLQuantizationType) ->
 
     rows = ggml_dequantize(q.reshape(-1, q.shape[-1]), ggml_type)
     return rows.reshape(*q.shape[:-1], rows.shape[-1])
+
+
+NO_IMATRIX = np.zeros(0, dtype=np.float32)  # what the row kernels take for ggml's NULL imatrix
+
+
+def block_bytes(name: str) -> int:
+    """Bytes of one block of the ggml type called name."""
+    return gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[name]][1]
+
+
+def kernel_quantize(kernels: dict, name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """x (nrows, n_per_row) through the row kernel that a kernel module's KERNELS holds for type name."""
+    from bpwopt.quant.kernels.rows import quantize_rows  # appended helper: imports kept beside their use
+
+    ggml_type = gguf.GGMLQuantizationType[name]
+    quantize_row, _ = kernels[ggml_type]
+    block_size, type_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+    out = np.zeros((x.shape[0], x.shape[1] // block_size * type_bytes), dtype=np.uint8)
+    quantize_rows(quantize_row, x, NO_IMATRIX if imatrix is None else imatrix, out)
+    return out
+
+
+def kernel_dequantize(kernels: dict, name: str, q: np.ndarray) -> np.ndarray:
+    """q (nrows, row_bytes) through the decoder that a kernel module's KERNELS holds for type name."""
+    from bpwopt.quant.kernels.rows import dequantize_rows
+
+    ggml_type = gguf.GGMLQuantizationType[name]
+    _, dequantize_row = kernels[ggml_type]
+    block_size, type_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+    out = np.empty((q.shape[0], q.shape[1] // type_bytes * block_size), dtype=np.float32)
+    dequantize_rows(dequantize_row, q, out)
+    return out
+
+
+def assert_kernel_same_as_ggml(kernels: dict, name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
+    """The kernel's bytes for x, asserted equal to ggml_quantize_chunk's block for block."""
+    from bpwopt.quant.reference import ggml_quantize  # needs llama-cpp-python, a test extra
+
+    ours = kernel_quantize(kernels, name, x, imatrix)
+    theirs = ggml_quantize(x, name, imatrix)
+    assert ours.shape == theirs.shape
+    differing = (ours != theirs).reshape(x.shape[0], -1, block_bytes(name)).any(axis=2)
+    assert not differing.any(), f"{name}: {differing.sum()} of {differing.size} blocks differ from ggml"
+    return ours
+
+
+@pytest.fixture(scope="session")
+def ffn_down_rows(demo_model_path):
+    """The first 64 rows of the demo model's blk.5.ffn_down.weight as float32 (64, 1536): real weights."""
+    reader = gguf.GGUFReader(demo_model_path)
+    tensor = next(t for t in reader.tensors if t.name == "blk.5.ffn_down.weight")
+    rows = gguf.quants.dequantize(tensor.data, tensor.tensor_type)[:64].copy()
+    assert rows.shape == (64, 1536)
+    return rows.astype(np.float32)

@@ -8,6 +8,8 @@ distinct values) check that ties are ordered as glibc's qsort orders them.
 
 from __future__ import annotations
 
+from functools import partial
+
 import gguf
 import numpy as np
 import pytest
@@ -15,12 +17,17 @@ from gguf import GGMLQuantizationType
 
 from bpwopt.quant.kernels import iq1, iq2s
 from bpwopt.quant.kernels.numerics import fp16_bits_to_fp32
-from bpwopt.quant.kernels.rows import dequantize_rows, quantize_rows
-from bpwopt.quant.reference import ggml_quantize
-from tests.conftest import ROW_KINDS, make_imatrix, make_rows
+from tests.conftest import (
+    NO_IMATRIX,
+    ROW_KINDS,
+    assert_kernel_same_as_ggml,
+    block_bytes,
+    kernel_dequantize,
+    kernel_quantize,
+    make_imatrix,
+    make_rows,
+)
 
-QK_K = 256
-NO_IMATRIX = np.zeros(0, dtype=np.float32)
 KERNELS = {**iq1.KERNELS, **iq2s.KERNELS}
 TYPES = ("IQ1_S", "IQ1_M", "IQ2_S")
 # (type, with an imatrix): every case ggml itself accepts.
@@ -28,31 +35,9 @@ CASES = [("IQ1_S", True), ("IQ1_M", False), ("IQ1_M", True), ("IQ2_S", False), (
 CASE_IDS = [f"{name}-{'imatrix' if with_imatrix else 'plain'}" for name, with_imatrix in CASES]
 
 
-def block_bytes(name: str) -> int:
-    return gguf.GGML_QUANT_SIZES[GGMLQuantizationType[name]][1]
-
-
-def quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    quantize_row, _ = KERNELS[GGMLQuantizationType[name]]
-    out = np.zeros((x.shape[0], x.shape[1] // QK_K * block_bytes(name)), dtype=np.uint8)
-    quantize_rows(quantize_row, x, NO_IMATRIX if imatrix is None else imatrix, out)
-    return out
-
-
-def dequantize(name: str, q: np.ndarray) -> np.ndarray:
-    _, dequantize_row = KERNELS[GGMLQuantizationType[name]]
-    out = np.empty((q.shape[0], q.shape[1] // block_bytes(name) * QK_K), dtype=np.float32)
-    dequantize_rows(dequantize_row, q, out)
-    return out
-
-
-def assert_same_as_ggml(name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    ours = quantize(name, x, imatrix)
-    theirs = ggml_quantize(x, name, imatrix)
-    assert ours.shape == theirs.shape
-    differing = (ours != theirs).reshape(x.shape[0], -1, block_bytes(name)).any(axis=2)
-    assert not differing.any(), f"{name}: {differing.sum()} of {differing.size} super-blocks differ from ggml"
-    return ours
+quantize = partial(kernel_quantize, KERNELS)
+dequantize = partial(kernel_dequantize, KERNELS)
+assert_same_as_ggml = partial(assert_kernel_same_as_ggml, KERNELS)
 
 
 def imatrix_for(with_imatrix: bool, n_per_row: int, seed: int = 1) -> np.ndarray | None:
@@ -141,15 +126,6 @@ def test_iq1_s_refuses_rows_without_an_imatrix():
     with pytest.raises(SystemError) as raised:
         quantize("IQ1_S", x, None)
     assert isinstance(raised.value.__cause__, ValueError)
-
-
-@pytest.fixture(scope="module")
-def ffn_down_rows(demo_model_path):
-    reader = gguf.GGUFReader(demo_model_path)
-    tensor = next(t for t in reader.tensors if t.name == "blk.5.ffn_down.weight")
-    rows = gguf.quants.dequantize(tensor.data, tensor.tensor_type)[:64].copy()
-    assert rows.shape == (64, 1536)
-    return rows.astype(np.float32)
 
 
 @pytest.mark.parametrize(("name", "with_imatrix"), CASES, ids=CASE_IDS)

@@ -8,6 +8,8 @@ compared byte for byte with ggml_quantize_chunk, the decoders with gguf-py's.
 
 from __future__ import annotations
 
+from functools import partial
+
 import gguf
 import numpy as np
 import pytest
@@ -16,10 +18,16 @@ from gguf import GGMLQuantizationType
 from bpwopt.quant.kernels import iq3
 from bpwopt.quant.kernels.iq3_grids import N_POINTS, iq3_tables
 from bpwopt.quant.kernels.numerics import fp16_bits_to_fp32
-from bpwopt.quant.kernels.rows import dequantize_rows, quantize_rows
-from bpwopt.quant.reference import ggml_quantize
 from bpwopt.quant.tables import grid_table
-from tests.conftest import ROW_KINDS, make_imatrix, make_rows
+from tests.conftest import (
+    ROW_KINDS,
+    assert_kernel_same_as_ggml,
+    block_bytes,
+    kernel_dequantize,
+    kernel_quantize,
+    make_imatrix,
+    make_rows,
+)
 
 # Per grid size: the ggml-common.h table, gguf-py's class for the type, and how many distinct distances
 # ggml keeps in a neighbour list (its `nwant`).
@@ -32,39 +40,11 @@ GRIDS = {
 GGML_NEIGHBOURS_SIZE = {256: 22825, 512: 28317}
 
 TYPES = ("IQ3_XXS", "IQ3_S")
-NO_IMATRIX = np.zeros(0, dtype=np.float32)
-QK_K = 256
 
 
-def kernels(name: str):
-    return iq3.KERNELS[GGMLQuantizationType[name]]
-
-
-def block_bytes(name: str) -> int:
-    return gguf.GGML_QUANT_SIZES[GGMLQuantizationType[name]][1]
-
-
-def quantize(name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    quantize_row, _ = kernels(name)
-    out = np.zeros((x.shape[0], x.shape[1] // QK_K * block_bytes(name)), dtype=np.uint8)
-    quantize_rows(quantize_row, x, NO_IMATRIX if imatrix is None else imatrix, out)
-    return out
-
-
-def dequantize(name: str, q: np.ndarray) -> np.ndarray:
-    _, dequantize_row = kernels(name)
-    out = np.empty((q.shape[0], q.shape[1] // block_bytes(name) * QK_K), dtype=np.float32)
-    dequantize_rows(dequantize_row, q, out)
-    return out
-
-
-def assert_same_as_ggml(name: str, x: np.ndarray, imatrix: np.ndarray | None) -> np.ndarray:
-    ours = quantize(name, x, imatrix)
-    theirs = ggml_quantize(x, name, imatrix)
-    assert ours.shape == theirs.shape
-    differing = (ours != theirs).reshape(x.shape[0], -1, block_bytes(name)).any(axis=2)
-    assert not differing.any(), f"{name}: {differing.sum()} of {differing.size} super-blocks differ from ggml"
-    return ours
+quantize = partial(kernel_quantize, iq3.KERNELS)
+dequantize = partial(kernel_dequantize, iq3.KERNELS)
+assert_same_as_ggml = partial(assert_kernel_same_as_ggml, iq3.KERNELS)
 
 
 # ---------------------------------------------------------------- tables
@@ -181,15 +161,6 @@ def test_huge_rows_do_not_abort(name):
         q = quantize(name, x, imatrix)
         d = fp16_bits_to_fp32(q.reshape(-1, block_bytes(name))[:, :2].copy().view(np.uint16))
         assert not np.isfinite(d).any()
-
-
-@pytest.fixture(scope="module")
-def ffn_down_rows(demo_model_path):
-    reader = gguf.GGUFReader(demo_model_path)
-    tensor = next(t for t in reader.tensors if t.name == "blk.5.ffn_down.weight")
-    rows = gguf.quants.dequantize(tensor.data, tensor.tensor_type)[:64].copy()
-    assert rows.shape == (64, 1536)
-    return rows.astype(np.float32)
 
 
 @pytest.mark.parametrize("name", TYPES)

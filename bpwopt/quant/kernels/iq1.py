@@ -21,14 +21,14 @@ from numba import njit
 from bpwopt.quant.kernels.iq2_grids import GROUP, iq2_tables
 from bpwopt.quant.kernels.numerics import (
     F32,
-    HALF,
+    FLOAT_MAX,
     ONE,
     ZERO,
     fp16_bits_to_fp32,
     fp32_to_fp16_bits,
     load_fp16,
     load_u16,
-    nearest_int,
+    odd_multiplier_level,
     store_fp16,
     store_u16,
 )
@@ -47,7 +47,6 @@ _PLUS = np.array([F32(-1) + DELTA, DELTA, ONE + DELTA], dtype=np.float32)
 _MINUS = np.array([F32(-1) - DELTA, -DELTA, ONE - DELTA], dtype=np.float32)
 _S_MAX_EPS = F32(1e-12)  # GROUP_MAX_EPS_IQ1_S
 _M_MAX_EPS = F32(1e-7)  # GROUP_MAX_EPS_IQ1_M
-_FLOAT_MAX = F32(np.finfo(np.float32).max)
 _MULTIPLIER_STEPS = F32(15)  # d = largest block scale / 15: multipliers 2l+1, l in 0..7
 _MAX_MULTIPLIER = 7
 _S_FUDGE = F32(1.125)  # ggml: "another fudge factor. Don't ask me why it is needed."
@@ -166,7 +165,7 @@ def _best_neighbour(offset, xb, weight, start, scale, values, L, terms):
             diff = scale * values[level] - xb[start + i]
             terms[i, level] = weight[start + i] * diff * diff
     count = np.int64(_NEIGHBOURS[offset])
-    best_d2 = _FLOAT_MAX
+    best_d2 = FLOAT_MAX
     grid_index = np.int64(_NEIGHBOURS[offset + 1])
     for j in range(1, count + 1):
         candidate = np.int64(_NEIGHBOURS[offset + j])
@@ -205,12 +204,6 @@ def _group_sums(xb, weight, start, grid_index, values, multiplier, sumqx, sumq2)
     return sumqx, sumq2
 
 
-@njit(cache=True, error_model="numpy")
-def _multiplier_level(inverse_d, scale):
-    """The l with 2l+1 ≈ scale/d, clamped to the stored range (1/d is inf where d underflows, as in C)."""
-    return max(0, min(_MAX_MULTIPLIER, nearest_int(HALF * (inverse_d * scale - ONE))))
-
-
 # ---------------------------------------------------------------- IQ1_S
 
 
@@ -233,7 +226,7 @@ def _s_split(xb, weight, order, sumx, sumw, candidates):
         sumx[j + 1] = sumx[j] + weight[i] * xb[i]
         sumw[j + 1] = sumw[j] + weight[i]
     qx_plus, q2_plus, qx_minus, q2_minus = candidates[0], candidates[1], candidates[2], candidates[3]
-    best_score = -_FLOAT_MAX
+    best_score = -FLOAT_MAX
     scale = ZERO
     best_i1 = -1
     best_i2 = -1
@@ -324,7 +317,7 @@ def _quantize_s_super_block(xbl, imatrix, out, offset, scratch):
     store_fp16(out, offset, d * _S_FUDGE)
     inverse_d = ONE / d
     for ib in range(_S_BLOCKS):
-        level = _multiplier_level(inverse_d, scales[ib])
+        level = odd_multiplier_level(inverse_d, scales[ib], _MAX_MULTIPLIER)
         if shifts[ib] == -1:
             level |= _SHIFT_BIT
         at = offset + _S_QH + 2 * ib
@@ -415,7 +408,7 @@ def _m_split(xb, weight, order, prefix_x, prefix_w):
     total_q2_m0 = prefix_w[0, n] * m2 * m2
     total_q2_p1 = prefix_w[1, n] * p2 * p2
     total_q2_m1 = prefix_w[1, n] * m2 * m2
-    best_score = -_FLOAT_MAX
+    best_score = -FLOAT_MAX
     scale = ZERO
     best_i1 = -1
     best_i2 = -1
@@ -513,7 +506,7 @@ def _quantize_m_super_block(xbl, imatrix, out, offset, scratch):
     sumqx = ZERO
     sumq2 = ZERO
     for ib in range(_M_BLOCKS):
-        level = _multiplier_level(inverse_d, scales[ib])
+        level = odd_multiplier_level(inverse_d, scales[ib], _MAX_MULTIPLIER)
         scale_words[ib // 4] |= level << (3 * (ib % 4))
         high_bits = np.int64(out[offset + _M_QH + ib]) | _M_SHIFT_MASKS[shifts[ib]]
         out[offset + _M_QH + ib] = np.uint8(high_bits)

@@ -22,6 +22,7 @@ from numba import njit
 from bpwopt.quant.kernels.iq2_grids import GROUP, iq2_tables
 from bpwopt.quant.kernels.numerics import (
     F32,
+    FLOAT_MAX,
     GROUP_MAX_EPS,
     HALF,
     ONE,
@@ -29,6 +30,7 @@ from bpwopt.quant.kernels.numerics import (
     load_fp16,
     load_u16,
     nearest_int,
+    odd_multiplier_level,
     store_fp16,
     store_u16,
     sum_of_squares,
@@ -50,7 +52,6 @@ _TENTH = F32(0.1)
 _QUARTER = F32(0.25)
 _MULTIPLIER_STEPS = F32(31)  # d = largest block scale / 31, so that it gets multiplier (2·15 + 1)/2 · d
 _MAX_MULTIPLIER = 15
-_FLOAT_MAX = F32(np.finfo(np.float32).max)
 
 
 def _search_tables(grid_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -143,7 +144,7 @@ def _best_neighbour(grid, kmap, neighbours, index, xval, weight_sqrt, start, sca
     """
     offset = -kmap[index] - 1
     count = np.int64(neighbours[offset])
-    best_distance = _FLOAT_MAX
+    best_distance = FLOAT_MAX
     best = -1
     for j in range(1, count + 1):
         candidate = np.int64(neighbours[offset + j])
@@ -207,12 +208,6 @@ def _largest(values):
     for i in range(1, values.size):
         largest = _larger(largest, values[i])
     return largest
-
-
-@njit(cache=True)
-def _multiplier(inverse_d, scale):
-    """The 4-bit multiplier m of a block scale ≈ (2m + 1)/2 · d."""
-    return max(0, min(_MAX_MULTIPLIER, nearest_int(HALF * (inverse_d * scale - ONE))))
 
 
 @njit(cache=True, error_model="numpy")
@@ -370,7 +365,7 @@ def _store_super_block(out, offset, largest_scale, scales, indices, block_signs,
     inverse_d = ONE / d
     n_blocks, n_groups = indices.shape
     for ib in range(n_blocks):
-        multiplier = _multiplier(inverse_d, scales[ib])
+        multiplier = odd_multiplier_level(inverse_d, scales[ib], _MAX_MULTIPLIER)
         if is_xs:
             for k in range(n_groups):
                 store_u16(out, offset + _QS + 2 * (n_groups * ib + k), indices[ib, k] | (block_signs[ib, k] << 9))

@@ -15,7 +15,17 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from bpwopt.quant.kernels.iq2_grids import GROUP, iq2_tables
-from bpwopt.quant.kernels.numerics import F32, HALF, ONE, ZERO, load_fp16, nearest_int, store_fp16
+from bpwopt.quant.kernels.numerics import (
+    F32,
+    FLOAT_MAX,
+    HALF,
+    ONE,
+    ZERO,
+    load_fp16,
+    nearest_int,
+    odd_multiplier_level,
+    store_fp16,
+)
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
 from bpwopt.quant.tables import grid_table
 
@@ -29,7 +39,6 @@ _STEPS = 9  # trial scales max/(5 + 0.1·is), is in −9..9
 _TENTH = F32(0.1)
 _QUARTER = F32(0.25)
 _MAX_EPS = F32(1e-8)  # GROUP_MAX_EPS_IQ2_S
-_FLOAT_MAX = F32(np.finfo(np.float32).max)
 _MULTIPLIER_STEPS = F32(31)  # d = largest block scale / 31: multipliers 2l+1, l in 0..15
 _MAX_MULTIPLIER = 15
 _FUDGE = F32(0.9875)
@@ -71,7 +80,7 @@ def _best_neighbour(offset, xval, waux, start, scale, L, terms):
             diff = scale * F32(2 * level + 1) - xval[start + i]
             terms[i, level] = waux[start + i] * diff * diff
     count = np.int64(_NEIGHBOURS[offset])
-    best_d2 = _FLOAT_MAX
+    best_d2 = FLOAT_MAX
     grid_index = np.int64(_NEIGHBOURS[offset + 1])
     for j in range(1, count + 1):
         candidate = np.int64(_NEIGHBOURS[offset + j])
@@ -156,12 +165,6 @@ def _block_scale(xval, weight, waux, max_value, L, Laux, on_grid, on_grid_aux, t
 
 
 @njit(cache=True, error_model="numpy")
-def _multiplier_level(inverse_d, scale):
-    """The l with 2l+1 ≈ scale/d, clamped to the stored range (1/d is inf where d underflows, as in C)."""
-    return max(0, min(_MAX_MULTIPLIER, nearest_int(HALF * (inverse_d * scale - ONE))))
-
-
-@njit(cache=True, error_model="numpy")
 def _quantize_super_block(xbl, imatrix, out, offset, scratch):
     scales, weight, waux, xval, L, Laux, on_grid, on_grid_aux, signs, terms = scratch
     out[offset : offset + _BYTES] = 0
@@ -217,7 +220,7 @@ def _quantize_super_block(xbl, imatrix, out, offset, scratch):
     store_fp16(out, offset, d * _FUDGE)
     inverse_d = ONE / d
     for ib in range(_BLOCKS):
-        level = _multiplier_level(inverse_d, scales[ib])
+        level = odd_multiplier_level(inverse_d, scales[ib], _MAX_MULTIPLIER)
         if ib % 2 == 0:
             out[offset + _SCALES + ib // 2] = np.uint8(level)
         else:

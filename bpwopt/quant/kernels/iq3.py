@@ -20,7 +20,17 @@ from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from numba import njit
 
 from bpwopt.quant.kernels.iq3_grids import grid_levels, iq3_tables
-from bpwopt.quant.kernels.numerics import F32, HALF, ONE, ZERO, load_fp16, nearest_int, store_fp16
+from bpwopt.quant.kernels.numerics import (
+    F32,
+    FLOAT_MAX,
+    HALF,
+    ONE,
+    ZERO,
+    load_fp16,
+    nearest_int,
+    odd_multiplier_level,
+    store_fp16,
+)
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
 from bpwopt.quant.tables import grid_table
 
@@ -39,7 +49,6 @@ _XXS_MAX_EPS = F32(1e-8)  # ggml's GROUP_MAX_EPS_IQ3_XXS
 _SCALE_LEVELS = 15  # block multipliers 2l+1, l in 0..15
 _XXS_FUDGE = F32(1.0125)  # ggml's "small improvement via this fudge factor" on d
 _S_FUDGE = F32(1.033)
-_FLT_MAX = F32(np.finfo(np.float32).max)
 
 # block_iq3_xxs: fp16 d, qs[64] grid indices, then 8 uint32: 4×7 sign bits | 4-bit scale << 28
 _XXS_QS = 2
@@ -76,7 +85,7 @@ def _best_neighbour(neighbours, offset, positions, levels, xval, waux, start, sc
     overflow) ggml aborts on an assertion; here the first, nearest neighbour is taken.
     """
     count = np.int64(neighbours[offset])
-    best_d2 = _FLT_MAX
+    best_d2 = FLOAT_MAX
     grid_index = np.int64(neighbours[offset + 1])
     for j in range(1, count + 1):
         candidate = np.int64(neighbours[offset + j])
@@ -208,12 +217,6 @@ def _block_max(xval):
     return max_value
 
 
-@njit(cache=True, error_model="numpy")
-def _scale_multiplier(inverse_d, scale):
-    """The 4-bit l with 2l+1 ≈ scale/d (1/d is inf when d underflows, as in C)."""
-    return max(0, min(_SCALE_LEVELS, nearest_int(HALF * (inverse_d * scale - ONE))))
-
-
 @njit(cache=True)
 def _xxs_magnitudes(xb, weight, xval, signs):
     """|x| and the sign bits of each 8 elements, with an even number of minus signs: where the
@@ -277,7 +280,7 @@ def _quantize_xxs_super_block(xbl, imatrix, out, offset, scratch):
     inverse_d = ONE / d
     for ib in range(N_BLOCKS):
         at = offset + _XXS_SCALES_AND_SIGNS + 4 * ib + 3
-        out[at] = np.uint8(out[at] | (_scale_multiplier(inverse_d, scales[ib]) << 4))
+        out[at] = np.uint8(out[at] | (odd_multiplier_level(inverse_d, scales[ib], _SCALE_LEVELS) << 4))
 
 
 @njit(cache=True)
@@ -336,8 +339,8 @@ def _quantize_s_super_block(xbl, imatrix, out, offset, scratch):
     store_fp16(out, offset, d * _S_FUDGE)
     inverse_d = ONE / d
     for ib in range(0, N_BLOCKS, 2):
-        low = _scale_multiplier(inverse_d, scales[ib])
-        high = _scale_multiplier(inverse_d, scales[ib + 1])
+        low = odd_multiplier_level(inverse_d, scales[ib], _SCALE_LEVELS)
+        high = odd_multiplier_level(inverse_d, scales[ib + 1], _SCALE_LEVELS)
         out[offset + _S_SCALES + ib // 2] = np.uint8(low | (high << 4))
 
 

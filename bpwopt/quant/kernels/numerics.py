@@ -17,6 +17,7 @@ ZERO = F32(0.0)
 ONE = F32(1.0)
 HALF = F32(0.5)
 GROUP_MAX_EPS = F32(1e-15)
+FLOAT_MAX = F32(np.finfo(np.float32).max)  # C's FLT_MAX, where ggml starts a search for the least error
 
 _ROUNDING_MAGIC = F32(12582912.0)  # 1.5 * 2**23: adding it leaves the integer in the mantissa
 
@@ -57,6 +58,13 @@ def roundf(value):
     if abs(wide) - truncated >= 0.5:
         truncated += 1.0
     return F32(math.copysign(truncated, wide))
+
+
+@njit(cache=True)
+def odd_multiplier_level(inverse_d, scale, max_level):
+    """The l with 2l+1 ≈ scale/d, clamped to 0..max_level: how the i-quants store a block scale as an
+    odd multiple of the super-block's d (1/d is inf where d underflows, as in C)."""
+    return max(0, min(max_level, nearest_int(HALF * (inverse_d * scale - ONE))))
 
 
 @njit(cache=True)
