@@ -4,7 +4,8 @@ llama-quantize's README shows `--target-bpw 2.5`; no plan made of Q2_K and up
 reaches it on Gemma, whose 168M-weight tied embedding and 640-wide matrices
 can take no 256-block type. With the grid i-quants and Q1_0 among the
 candidates the target lands, and a plan at the size of llama.cpp's IQ2_M
-preset loads and generates in llama.cpp.
+preset loads and generates in llama.cpp. (The KLD comparison at that size,
+from the off-grid F16 base, is benchmarks/quality.py's, in RESULTS.md.)
 """
 
 from __future__ import annotations
@@ -55,7 +56,13 @@ def test_plan_at_the_iq2_m_presets_size_fits_it_and_generates(state, capsys, tmp
     assert main([*weights, str(gemma3_path()), str(preset), "IQ2_M"]) == 0
     size = preset.stat().st_size
     report = plan(capsys, state, "--target-size", str(size), "--check", "off", str(gemma3_path()), str(out))
-    assert report["written"] and size * 0.99 < out.stat().st_size <= size
+    assert report["written"] and out.stat().st_size <= size
+    # The packaged base is Q4_K_M, whose own types requantize it losslessly, and IQ2_M's fallbacks for 640-wide
+    # rows weigh more than it: every tensor but the 168M-weight embedding gets its source type, and the
+    # embedding's next type up does not fit what is left, so the plan stops short of the budget.
+    assert out.stat().st_size > 0.8 * size
+    iq2_m = next(c for c in report["comparisons"] if c["name"] == "IQ2_M")
+    assert iq2_m["optimized_error"] < 0.5 * iq2_m["predicted_error"]
     for path in (preset, out):
         llm = llama_cpp.Llama(str(path), n_ctx=128, verbose=False)
         assert llm("The capital of France is", max_tokens=8, temperature=0)["choices"][0]["text"].strip()

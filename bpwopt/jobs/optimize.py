@@ -44,7 +44,15 @@ from bpwopt.measure.measure import (
     measure_tensors,
 )
 from bpwopt.measure.records import STATISTICS
-from bpwopt.policy.llama import QuantizeOptions, TensorPlan, TypePlan, check_plan_writable, is_quantized, plan_types
+from bpwopt.policy.llama import (
+    QuantizeOptions,
+    TensorPlan,
+    TypePlan,
+    check_plan_writable,
+    is_quantized,
+    plan_types,
+    preset_plans,
+)
 from bpwopt.policy.presets import PRESETS, Preset, parse_type_argument
 from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES
 from bpwopt.solve.objective import default_objective, tensor_weights
@@ -522,17 +530,11 @@ def _comparisons(
     """
     source = policy.source
     choices = {}
-    seen_ftypes = set()
+    first_of_ftype = {}  # aliases (Q4_K for Q4_K_M) are the same recipe
     for preset in PRESETS:
-        if preset.only_copy or not preset.producible or preset.ftype in seen_ftypes:
-            continue
-        if job.type_text and preset != policy.recipe:
-            continue
-        seen_ftypes.add(preset.ftype)  # aliases (Q4_K for Q4_K_M) are the same recipe
-        try:
-            preset_plan = plan_types(source.specs, source.model, preset, source.options, check_writable=False)
-        except BpwoptError:  # llama.cpp cannot write it for this model (Q1_0 on 576-wide rows): no comparison
-            continue
+        if not preset.only_copy and preset.producible and (not job.type_text or preset == policy.recipe):
+            first_of_ftype.setdefault(preset.ftype, preset)
+    for preset, preset_plan in preset_plans(source.specs, source.model, first_of_ftype.values(), source.options):
         choice = problem.choice_of(preset_plan.types())
         if choice is not None:
             choices[preset.name] = choice

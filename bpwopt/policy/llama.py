@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable, Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 
 import gguf
@@ -1024,6 +1024,21 @@ def plan_types(
     if check_writable:
         check_plan_writable(plan, options)
     return plan
+
+
+def preset_plans(
+    tensors: Sequence[TensorSpec], model: ModelInfo, presets: Iterable[Preset], options: QuantizeOptions | None = None
+) -> Iterator[tuple[Preset, TypePlan]]:
+    """Each preset with the types llama-quantize would give this model, for comparing plans against.
+
+    Presets llama.cpp cannot write for this model at all (Q1_0 on 576-wide
+    rows has no fallback type) are left out rather than stopping the report.
+    """
+    for preset in presets:
+        try:
+            yield preset, plan_types(tensors, model, preset, options, check_writable=False)
+        except BpwoptError:
+            continue
 
 
 def _plan_tensor(run: _Run, spec: TensorSpec, name: str, imatrix_kept: frozenset[str]) -> TensorPlan:

@@ -43,7 +43,7 @@ from matplotlib.lines import Line2D
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.output_paths import write_small_file
 from bpwopt.formats.splits import model_sha256, open_model
-from bpwopt.policy.llama import Category, QuantizeOptions, plan_types
+from bpwopt.policy.llama import Category, QuantizeOptions, plan_types, preset_plans
 from bpwopt.policy.presets import PRESETS, PRESETS_BY_NAME
 from bpwopt.quant.types import row_bytes
 from bpwopt.solve.objective import (
@@ -580,8 +580,8 @@ def _preset_points(source, varied: Sequence[TensorOptions], elements: int) -> tu
     points: dict[tuple[float, float], list[str]] = {}
     # One preset per ftype, by its last name: the aliases (Q4_K) come before the names people use (Q4_K_M).
     by_ftype = {p.ftype: p for p in PRESETS if not p.only_copy and p.producible and p.base_type is not None}
-    for preset in by_ftype.values():
-        types = plan_types(source.specs, source.model, preset, source.options, check_writable=False).types()
+    for preset, plan in preset_plans(source.specs, source.model, by_ftype.values(), source.options):
+        types = plan.types()
         if any(types.get(o.name) is None or types[o.name].name not in o.labels for o in varied):
             continue  # a type the state has no measurement of
         error = float(sum(o.error[o.labels.index(types[o.name].name)] for o in varied))
