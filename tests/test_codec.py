@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import bpwopt
+from bpwopt.quant.codec import all_finite
 from bpwopt.quant.types import QUANT_TYPES
 from tests.conftest import make_imatrix, make_rows, reference_dequantize
 
@@ -112,3 +113,15 @@ BAD_ARGUMENTS = [
 def test_bad_arguments_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("bits", [0x7F800000, 0xFF800000, 0x7FC00000, 0xFFC00001, 0x7F800001])  # ±inf, NaNs
+@pytest.mark.parametrize("where", [0, 1000, 4095])  # first, middle, last word
+def test_every_nonfinite_word_is_refused_wherever_it_is(bits, where):
+    x = np.linspace(-3e38, 3e38, 4096, dtype=np.float32)  # FLT_MAX-sized values are finite
+    x[7] = np.float32(1e-45)  # subnormal
+    assert all_finite(x) and all_finite(x.reshape(16, 256)[:, ::3])
+    x.view(np.uint32)[where] = bits
+    assert not all_finite(x) and not all_finite(x.reshape(16, 256))
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        bpwopt.quant.codec.quantize(x.reshape(16, 256), "F32")

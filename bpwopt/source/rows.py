@@ -71,7 +71,7 @@ def check_finite(values: np.ndarray, name: str) -> np.ndarray:
     invalid data"); quantized, such a row would give NaN scales or garbage
     blocks in a file that loads and then produces nothing useful.
     """
-    if not np.isfinite(values).all():
+    if not codec.all_finite(values):
         raise BpwoptError(f"tensor '{name}' has invalid data: NaN or infinite values (llama.cpp refuses it too)")
     return values
 
