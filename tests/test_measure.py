@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
+from pathlib import Path
 
 import gguf
 import numpy as np
@@ -14,7 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import bpwopt
+from bpwopt.demo import smollm2_path
 from bpwopt.errors import BpwoptError
+from bpwopt.formats.gguf_reader import open_gguf
 from bpwopt.formats.imatrix import Imatrix
 from bpwopt.measure import backends
 from bpwopt.measure.measure import (
@@ -30,6 +33,7 @@ from bpwopt.measure.measure import (
     sample_rows,
 )
 from bpwopt.quant.types import get_quant_type
+from bpwopt.source.rows import release_pages, tensor_rows
 
 
 def test_row_length_of_256_takes_every_candidate():
@@ -206,3 +210,23 @@ def test_a_registered_backend_computes_the_errors(demo_model_path, monkeypatch):
     assert calls == [("Q4_0", "ggml"), ("Q8_0", "ggml")]
     # 2 per measured row, scaled up to the tensor's 576 rows by the stratified estimate
     assert [m.value("weighted_sse") for m in result.measurements] == pytest.approx([2.0 * 576] * 2)
+
+
+
+def _file_pages_resident_kib() -> int:
+    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+    return int(status["RssFile"].split()[0])
+
+
+def test_a_read_tensor_leaves_the_resident_set_and_reads_the_same_again():
+    """Reading a model tensor by tensor must not keep the whole mapped file resident (the scale benchmark's RSS)."""
+    tensor = next(t for t in open_gguf(smollm2_path()).tensors if t.name == "token_embd.weight")  # 15.9 MB
+    release_pages(tensor)  # other tests of this process may have read it already
+    before = _file_pages_resident_kib()
+    checksum = tensor_rows(tensor).sum(dtype=np.uint64)
+    touched = _file_pages_resident_kib()
+    release_pages(tensor)
+    released = _file_pages_resident_kib()
+    tensor_kib = tensor.n_bytes / 1024
+    assert touched - before > 0.9 * tensor_kib and touched - released > 0.9 * tensor_kib
+    assert tensor_rows(tensor).sum(dtype=np.uint64) == checksum

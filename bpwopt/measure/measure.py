@@ -36,7 +36,7 @@ from bpwopt.measure.executors import Executor, InProcessExecutor
 from bpwopt.measure.records import Estimate, Measurement, TensorRecord
 from bpwopt.policy.llama import fallback_type
 from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, row_bytes
-from bpwopt.source.rows import expert_count, rows_to_float, tensor_rows
+from bpwopt.source.rows import expert_count, release_pages, rows_to_float, tensor_rows
 
 Q = GGMLQuantizationType
 # Every type that sits on some tensor's error/size front of SmolLM2 or Gemma-3-270M, with or without an imatrix
@@ -148,6 +148,7 @@ def load_rows(tensor: gguf.ReaderTensor, weights: np.ndarray | None, sampling: S
     picked = raw if sample.complete else raw[sample.rows]
     source_type = GGMLQuantizationType(tensor.tensor_type)
     values = np.ascontiguousarray(rows_to_float(picked, source_type, tensor.name), dtype=np.float32)
+    release_pages(tensor)  # a view of F32 rows faults its pages back in if read again
     expert_of_row = sample.rows // (raw.shape[0] // n_expert)
     return TensorRows(tensor.name, values, expert_of_row, weights, sample, source_type)
 

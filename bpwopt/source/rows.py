@@ -9,6 +9,8 @@ that change values must copy them first.
 
 from __future__ import annotations
 
+import mmap
+
 import gguf
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -26,6 +28,24 @@ def tensor_rows(tensor: gguf.ReaderTensor) -> np.ndarray:
     n_per_row = int(tensor.shape[0])
     nrows = int(tensor.n_elements) // n_per_row
     return np.asarray(tensor.data).reshape(-1).view(np.uint8).reshape(nrows, -1)
+
+
+def release_pages(tensor: gguf.ReaderTensor) -> None:
+    """Let go of the tensor's pages of the input's memory map once it has been read.
+
+    Pages read through a map stay in the process's resident set until the
+    kernel wants them back, so reading a model tensor by tensor would show the
+    whole file in RSS. A tensor is read once per stage; dropping its pages
+    bounds the resident set by the tensor at hand. They stay in the page
+    cache: touching them again costs a fault, not a disk read.
+    """
+    mapping = getattr(tensor.data, "_mmap", None)
+    if mapping is None or mapping.closed:
+        return
+    start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
+    end = min(tensor.data_offset + int(tensor.n_bytes), mapping.size())
+    if end > start:
+        mapping.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def _check_input_whole(tensor: gguf.ReaderTensor) -> None:

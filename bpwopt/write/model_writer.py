@@ -30,7 +30,7 @@ from bpwopt.formats.imatrix import Imatrix
 from bpwopt.formats.splits import SPLIT_COUNT, SPLIT_KEYS, SPLIT_NO, SPLIT_TENSORS_COUNT, ModelFiles, split_path
 from bpwopt.quant import codec
 from bpwopt.quant.types import DEFAULT_ROUNDING, row_bytes
-from bpwopt.source.rows import check_copied_rows, expert_count, rows_to_float, tensor_rows
+from bpwopt.source.rows import check_copied_rows, expert_count, release_pages, rows_to_float, tensor_rows
 
 GGML_QNT_VERSION = 2
 SLAB_BYTES = 64 << 20  # working memory per slab of rows (source + float32 + output)
@@ -67,6 +67,7 @@ def _converted_pieces(
             slab = raw_rows[start:start + rows_per_slab]
             check_copied_rows(slab, tensor.tensor_type, tensor.name)
             yield slab
+        release_pages(tensor)
         return
     n_expert = expert_count(tensor)
     rows_per_expert = raw_rows.shape[0] // n_expert
@@ -82,6 +83,7 @@ def _converted_pieces(
                 yield codec.quantize(np.ascontiguousarray(floats), target_type, expert_weights, rounding)
             except ValueError as error:
                 raise BpwoptError(f"{tensor.name}: cannot quantize to {target_type.name}: {error}") from error
+    release_pages(tensor)
 
 
 def _kv_entries(request: WriteRequest, split_entries: list[bytes]) -> list[bytes]:
