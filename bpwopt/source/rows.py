@@ -40,7 +40,7 @@ def release_pages(tensor: gguf.ReaderTensor) -> None:
     cache: touching them again costs a fault, not a disk read.
     """
     mapping = getattr(tensor.data, "_mmap", None)
-    if mapping is None or mapping.closed:
+    if mapping is None or mapping.closed or not hasattr(mmap, "MADV_DONTNEED"):  # no madvise on Windows
         return
     start = tensor.data_offset - tensor.data_offset % mmap.PAGESIZE
     end = min(tensor.data_offset + int(tensor.n_bytes), mapping.size())
