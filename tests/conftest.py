@@ -112,7 +112,7 @@ def llama_imatrix_table(entries: dict[str, np.ndarray]) -> tuple[object, list]:
 
 
 # gguf 0.19 has no decoder for these: ggml's own to_float is the oracle.
-NO_GGUF_DECODER = {gguf.GGMLQuantizationType.Q1_0}
+NO_GGUF_DECODER = {gguf.GGMLQuantizationType.Q1_0, gguf.GGMLQuantizationType.Q2_0}
 
 
 def reference_dequantize(q: np.ndarray, ggml_type: gguf.GGMLQuantizationType) -> np.ndarray:

@@ -257,7 +257,7 @@ def structural_gguf_cases(base: bytes, category: str, runs, file_name: str, cut_
     cases.append(case("zero rows", patched(base, fields["tensor0.dim1"], "<Q", 0)))
     for n_dims in (0, 5, 2**32 - 1):
         cases.append(case(f"{n_dims} dimensions", patched(base, fields["tensor0.n_dims"], "<I", n_dims)))
-    for ggml_type in (4, 5, 31, 36, 42, 1000, 2**32 - 1):
+    for ggml_type in (4, 5, 31, 36, 42, 43, 1000, 2**32 - 1):
         cases.append(case(f"unknown ggml type {ggml_type}", patched(base, fields["tensor0.type"], "<I", ggml_type)))
     offset = struct.unpack_from("<Q", base, fields[f"tensor{last_tensor}.offset"])[0]
     for shift in (1, 4, 16, -32):
@@ -564,10 +564,10 @@ def option_cases() -> list[Case]:
         case(
             f"--ignore {shown!r} with a target", ("--quiet", "--dry-run", "--target-bpw", "6", "--ignore", regex, MODEL)
         )
-    for text in ("attn", "=Q4_K", "attn=", "attn=Q9_K", "attn=Q4_K_M", "attn=F64", "attn=NVFP4", "attn=Q2_0",
+    for text in ("attn", "=Q4_K", "attn=", "attn=Q9_K", "attn=Q4_K_M", "attn=F64", "attn=NVFP4",
                  "attn=IQ2_XXS"):  # fmt: skip
         case(f"--tensor-type {text!r}", ("--quiet", "--dry-run", "--tensor-type", text, MODEL, "Q4_K"))
-    for text in ("Q9_K", "", ",,,", "F64", "IQ2_XXS", "NVFP4", "Q2_0", "F32"):
+    for text in ("Q9_K", "", ",,,", "F64", "IQ2_XXS", "NVFP4", "F32"):
         case(f"--candidates {text!r}", ("--quiet", "--dry-run", "--target-bpw", "6", "--candidates", text, MODEL))
     for text in (
         "x",
@@ -587,7 +587,7 @@ def option_cases() -> list[Case]:
         case(f"--time-limit {text}", ("--quiet", "--dry-run", "--target-bpw", "6", "--time-limit", text, MODEL))
     for option in ("--sample-rows", "--seed", "--time-limit", "--threads"):
         case(f"{option} abc", ("--dry-run", "--target-bpw", "6", option, "abc", MODEL), "usage")
-    for text in ("Q9_K", "999", "-1", "", "F64", "NVFP4", "Q2_0", "IQ2_XXS"):
+    for text in ("Q9_K", "999", "-1", "", "F64", "NVFP4", "IQ2_XXS"):
         case(f"TYPE {text!r}", ("--quiet", "--dry-run", MODEL, text))
     for option in ("--output-tensor-type", "--token-embedding-type"):
         for text in ("Q9_K", "F64", "999"):
@@ -811,7 +811,7 @@ def test_the_commands_that_refuse_a_damaged_file_accept_the_undamaged_one(kind, 
 MESSAGES = {  # case -> what its one line must say
     "gguf model: tensor count 9223372036854775808": "tensor count 9,223,372,036,854,775,808 cannot fit",
     "gguf model: 5 dimensions": "expected 1 to 4",
-    "gguf model: unknown ggml type 42": "unknown ggml type 42",
+    "gguf model: unknown ggml type 43": "unknown ggml type 43",
     "gguf model: a duplicate tensor name": "duplicate tensor name blk.0.attn_q.weight",
     "gguf model: last tensor's data offset moved by 4": "has data offset",
     "gguf model: a NaN in an F32 weight": "tensor 'blk.0.attn_q.weight' has invalid data: NaN or infinite values",

@@ -1,10 +1,11 @@
-"""The low-bit kernels (TQ1_0, TQ2_0, Q1_0, MXFP4) against ggml itself.
+"""The low-bit kernels (TQ1_0, TQ2_0, Q1_0, Q2_0, MXFP4) against ggml itself.
 
 Bytes are compared with ggml_quantize_chunk from llama-cpp-python's libggml-base. Decoded values are compared
 with gguf.quants.dequantize where gguf-py implements the type (TQ1_0, TQ2_0, MXFP4), and with ggml's own
-decoder, its `to_float` type trait reached through ctypes, for all four: gguf-py 0.19 has no Q1_0, so for
-Q1_0 ggml's `dequantize_row_q1_0` is the only outside truth. The decoders are also fed random bytes, which
-reach codes a quantizer never writes (TQ1_0 bytes above 242·256/243, TQ2_0's fourth code, every E8M0 exponent).
+decoder, its `to_float` type trait reached through ctypes, for all five: gguf-py 0.19 has no Q1_0 or Q2_0, so
+for those ggml's `dequantize_row_q1_0` and `dequantize_row_q2_0` are the only outside truth. The decoders are also
+fed random bytes, which reach codes a quantizer never writes (TQ1_0 bytes above 242·256/243, TQ2_0's and Q2_0's
+fourth code, every E8M0 exponent).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from bpwopt.quant.reference import ggml_dequantize, ggml_quantize
 from tests.conftest import ROW_KINDS, make_imatrix, make_rows
 
 KERNELS = {**ternary.KERNELS, **binary.KERNELS, **fp4.KERNELS}
-NAMES = ("TQ1_0", "TQ2_0", "Q1_0", "MXFP4")
-GGUF_DECODES = ("TQ1_0", "TQ2_0", "MXFP4")  # gguf-py 0.19 implements no Q1_0
+NAMES = ("TQ1_0", "TQ2_0", "Q1_0", "Q2_0", "MXFP4")
+GGUF_DECODES = ("TQ1_0", "TQ2_0", "MXFP4")  # gguf-py 0.19 implements no Q1_0 or Q2_0
 NO_IMATRIX = np.zeros(0, dtype=np.float32)
 
 
@@ -74,7 +75,7 @@ WIDTHS = [(name, n_per_row) for name in NAMES for n_per_row in sorted({block_siz
 @pytest.mark.parametrize("kind", ROW_KINDS)
 def test_bytes_equal_ggml(name, n_per_row, with_imatrix, kind):
     x = make_rows(kind, 6, n_per_row, seed=zlib.crc32(f"{name}{kind}{n_per_row}".encode()) % 1000)
-    # All four types ignore the imatrix, as ggml does: the same bytes with one as without.
+    # All five types ignore the imatrix, as ggml does: the same bytes with one as without.
     assert_same_as_ggml(x, name, make_imatrix(n_per_row) if with_imatrix else None)
 
 

@@ -20,7 +20,7 @@ from tests.conftest import ROW_KINDS, make_imatrix, make_rows, reference_dequant
 REQUIRED_TYPES = (
     "F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
     "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "IQ4_NL", "IQ4_XS",
-    "TQ1_0", "TQ2_0", "MXFP4", "Q1_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
+    "TQ1_0", "TQ2_0", "MXFP4", "Q1_0", "Q2_0", "IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ1_S", "IQ1_M",
 )  # fmt: skip
 # ggml's grid searches assert on rows near 1e30 (every weighted error overflows) and abort the process: no oracle.
 GGML_ABORTS = {("huge", name) for name in ("IQ3_XXS", "IQ3_S", "IQ2_XXS", "IQ2_XS", "IQ2_S")}

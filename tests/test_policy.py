@@ -471,10 +471,10 @@ def synthetic(tmp_path_factory):
 
 
 # Presets whose file llama.cpp writes in a blink. The IQ1/IQ2/IQ3 ones need grids first (seconds
-# each) and are compared through the dry-run log below. Q2_0 is left out: the gguf package does not
-# know its ggml type. The aliases (Q3_K, Q4_K, Q5_K) select the same ftypes as Q3_K_M, Q4_K_M, Q5_K_M.
+# each) and are compared through the dry-run log below. The aliases (Q3_K, Q4_K, Q5_K) select the same
+# ftypes as Q3_K_M, Q4_K_M, Q5_K_M.
 FAST_PRESETS = (
-    "Q1_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "Q2_K", "Q3_K_S",
+    "Q1_0", "Q2_0", "Q4_0", "Q4_1", "MXFP4_MOE", "Q5_0", "Q5_1", "TQ1_0", "TQ2_0", "Q2_K", "Q3_K_S",
     "Q3_K_M", "Q3_K_L", "IQ4_NL", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K",
     "Q8_0", "F16", "BF16", "F32",
 )  # fmt: skip
@@ -730,10 +730,6 @@ def test_preset_ids_match_gguf_file_types():
             assert gguf.LlamaFileType[f"MOSTLY_{preset.ftype.name}" if preset.ftype else "ALL_F32"] == preset.ftype
 
 
-def test_every_preset_is_producible_but_q2_0():
-    assert {p.name for p in PRESETS if not p.producible} == {"Q2_0"}  # the gguf package has no such type
-
-
 @pytest.mark.parametrize(
     ("text", "is_clip", "preset", "reading"),
     [
@@ -785,5 +781,5 @@ def test_help_listing_matches_llama_quantize():
     lines = format_presets_help().splitlines()
     assert lines[2] == "   2  or  Q4_0    :  4.34G, +0.4685 ppl @ Llama-3-8B"
     assert lines[-1] == "          COPY    : only copy tensors, no quantizing"
-    assert lines[1].endswith("[not in bpwopt: the gguf package has no Q2_0]")
+    assert lines[1] == "  41  or  Q2_0    :  2.25 bpw quantization (group 64)"
     assert len(lines) == len(PRESETS) == 39

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from bpwopt.errors import BpwoptError
+from bpwopt.errors import BpwoptError, OutOfReachError
 from bpwopt.formats.gguf_writer import padded_size
 from bpwopt.formats.splits import model_sha256
 from bpwopt.jobs.quantize import (
@@ -66,7 +66,7 @@ from bpwopt.write.model_writer import KeyValue, WriteRequest, planned_file_bytes
 
 _BPW_TOLERANCE = 0.01  # a bpw target lands at most this far below; so the top of the range may be that close
 _DEFAULT_RECIPE = "Q8_0"  # without a TYPE, the policy runs with a preset that pins nothing
-_BASE_FTYPE_BY_TYPE = {p.base_type: int(p.ftype) for p in reversed(PRESETS) if p.base_type and not p.only_copy}
+_BASE_FTYPE_BY_TYPE = {p.base_type: int(p.ftype) for p in reversed(PRESETS) if not p.only_copy}
 
 
 @dataclass
@@ -82,6 +82,8 @@ class OptimizeJob:
     overrides: dict[str, KeyValue] = field(default_factory=dict)
     rounding: str = DEFAULT_ROUNDING  # --rounding: the quantizers measured and written (part of the state's identity)
     candidates: tuple[GGMLQuantizationType, ...] = DEFAULT_CANDIDATES
+    # source name -> the one type it may take (the KLD search's holds of llama.cpp's choices)
+    held_types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
     sampling: Sampling = field(default_factory=Sampling)
     state_path: Path | None = None  # --state-file
     save_state: bool = False  # --save-state: state/<model>-<hash>-mse.bpw_state unless state_path
@@ -216,7 +218,17 @@ def _apply_policy(job: OptimizeJob) -> PolicyPlan:
     types_of = {t.source_name: _quantizable_types(source, t.source_name, job.candidates) for t in varied}
     if job.type_text:
         types_of = _with_recipe_types(types_of, varied)
+    types_of = {name: (job.held_types[name],) if name in job.held_types else types for name, types in types_of.items()}
     return PolicyPlan(source, recipe.preset, base, varied, types_of)
+
+
+def preset_types(job: OptimizeJob, name: str) -> dict[str, tuple[str, GGMLQuantizationType]]:
+    """Each tensor the optimizer varies (by source name): its class and the type llama.cpp's preset NAME gives it."""
+    policy = _apply_policy(replace(job, held_types={}))
+    preset = parse_type_argument(name, is_clip=False).preset
+    plan = plan_types(policy.source.specs, policy.source.model, preset, policy.source.options, check_writable=False)
+    varied = {t.source_name for t in policy.varied}
+    return {t.source_name: (t.category.value, t.target_type) for t in plan.tensors if t.source_name in varied}
 
 
 def _quantizable_types(
@@ -442,7 +454,7 @@ def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int,
         low, high = reachable[0] + header, reachable[1] + header
         if not low <= target.file_bytes <= high:
             where = "below the smallest" if target.file_bytes < low else "above the least-error"
-            raise BpwoptError(
+            raise OutOfReachError(
                 f"--target-size {target.file_bytes:,} bytes is {where} plan's file "
                 f"(reachable: {low:,} to {high:,} bytes)"
             )
@@ -453,7 +465,7 @@ def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int,
         low = math.ceil(8e4 * reachable[0] / problem.elements) / 1e4
         high = math.floor(8e4 * reachable[1] / problem.elements) / 1e4
         where = "below the smallest" if budget < reachable[0] else "above the least-error"
-        raise BpwoptError(
+        raise OutOfReachError(
             f"--target-bpw {target.bits_per_weight:g} is {where} plan's bpw (reachable: {low:.4f} to {high:.4f} bpw)"
         )
     return min(budget, reachable[1]) - problem.fixed_cost
@@ -532,7 +544,7 @@ def _comparisons(
     choices = {}
     first_of_ftype = {}  # aliases (Q4_K for Q4_K_M) are the same recipe
     for preset in PRESETS:
-        if not preset.only_copy and preset.producible and (not job.type_text or preset == policy.recipe):
+        if not preset.only_copy and (not job.type_text or preset == policy.recipe):
             first_of_ftype.setdefault(preset.ftype, preset)
     for preset, preset_plan in preset_plans(source.specs, source.model, first_of_ftype.values(), source.options):
         choice = problem.choice_of(preset_plan.types())

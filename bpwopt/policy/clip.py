@@ -89,8 +89,6 @@ def plan_clip_types(specs: Sequence[TensorSpec], preset: Preset, options: Quanti
     options = options or QuantizeOptions()
     check_clip_options(options)
     requested = preset.base_type
-    if requested is None:
-        raise BpwoptError(f"preset {preset.name} uses a ggml type the installed gguf package does not know")
     ignores = [compile_pattern(p.removeprefix("re:"), "--ignore") for p in options.ignore]
     planned = [_plan_tensor(spec, preset, requested, ignores, options) for spec in specs]
     return TypePlan(

@@ -185,6 +185,7 @@ FALLBACK_TYPES: dict[GGMLQuantizationType, GGMLQuantizationType] = {
     Q.IQ3_XXS: Q.IQ4_NL,
     Q.IQ3_S: Q.IQ4_NL,
     Q.IQ4_XS: Q.IQ4_NL,
+    Q.Q2_0: Q.Q4_0,
     Q.Q2_K: Q.Q4_0,
     Q.Q3_K: Q.Q4_0,
     Q.TQ1_0: Q.Q4_0,
@@ -917,7 +918,6 @@ def _target_type(run: _Run, spec: TensorSpec, name: str) -> tuple[GGMLQuantizati
     if options.output_tensor_type is not None and category == Category.OUTPUT:
         return options.output_tensor_type, "--output-tensor-type", True
     base_type = run.preset.base_type
-    assert base_type is not None
     if not is_quantized(base_type):
         return base_type, "preset", False
     override = next(((p, t) for p, t in run.overrides if p.search(name)), None)
@@ -983,8 +983,6 @@ def plan_types(
     allow_requantize, or a type that needs an imatrix has none.
     """
     options = options or QuantizeOptions()
-    if preset.base_type is None:
-        raise BpwoptError(f"preset {preset.name} uses a ggml type the installed gguf package does not know")
     specs = {spec.name: spec for spec in tensors}
     written, block_count = renumber_layers(llama_cpp_order(specs), options.prune_layers)
     imatrix_kept = (

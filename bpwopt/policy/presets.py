@@ -17,7 +17,6 @@ from enum import IntEnum
 from gguf.constants import GGMLQuantizationType
 
 from bpwopt.errors import BpwoptError
-from bpwopt.quant.types import QUANT_TYPES
 
 Q = GGMLQuantizationType
 
@@ -63,9 +62,8 @@ class Ftype(IntEnum):
 
 
 # llama_ftype_get_default_type: the type every quantizable tensor starts from.
-# Note IQ2_S starts from IQ2_XS and IQ2_M from IQ2_S, as in llama.cpp. Q2_0 (ggml
-# type 42) is missing from the gguf package's type enum, hence None.
-BASE_TYPES: dict[Ftype, GGMLQuantizationType | None] = {
+# Note IQ2_S starts from IQ2_XS and IQ2_M from IQ2_S, as in llama.cpp.
+BASE_TYPES: dict[Ftype, GGMLQuantizationType] = {
     Ftype.F32: Q.F32,
     Ftype.F16: Q.F16,
     Ftype.BF16: Q.BF16,
@@ -75,7 +73,7 @@ BASE_TYPES: dict[Ftype, GGMLQuantizationType | None] = {
     Ftype.Q5_1: Q.Q5_1,
     Ftype.Q8_0: Q.Q8_0,
     Ftype.Q1_0: Q.Q1_0,
-    Ftype.Q2_0: None,
+    Ftype.Q2_0: Q.Q2_0,
     Ftype.MXFP4_MOE: Q.MXFP4,
     Ftype.Q2_K: Q.Q2_K,
     Ftype.Q2_K_S: Q.Q2_K,
@@ -113,7 +111,7 @@ class Preset:
     description: str  # llama-quantize's help text (size and perplexity on Llama-3-8B, or bpw)
 
     @property
-    def base_type(self) -> GGMLQuantizationType | None:
+    def base_type(self) -> GGMLQuantizationType:
         """The type a quantizable tensor gets before the preset's per-tensor bumps."""
         return BASE_TYPES[self.ftype]
 
@@ -121,11 +119,6 @@ class Preset:
     def only_copy(self) -> bool:
         """COPY rewrites the file with every tensor as it is (llama_model_quantize_params.only_copy)."""
         return self.name == "COPY"
-
-    @property
-    def producible(self) -> bool:
-        """Whether bpwopt has kernels for this preset's base type (all but Q2_0, which the gguf package lacks)."""
-        return self.base_type in QUANT_TYPES
 
 
 # QUANT_OPTIONS, in its order: an integer TYPE selects the first row with that ftype,
@@ -254,6 +247,5 @@ def format_presets_help() -> str:
     lines = []
     for preset in PRESETS:
         number = "          " if preset.only_copy else f"  {int(preset.ftype):2d}  or  "
-        note = "" if preset.producible else f"  [not in bpwopt: the gguf package has no {preset.name}]"
-        lines.append(f"{number}{preset.name:<7s} : {preset.description}{note}")
+        lines.append(f"{number}{preset.name:<7s} : {preset.description}")
     return "\n".join(lines)

@@ -579,7 +579,7 @@ def _preset_points(source, varied: Sequence[TensorOptions], elements: int) -> tu
 
     points: dict[tuple[float, float], list[str]] = {}
     # One preset per ftype, by its last name: the aliases (Q4_K) come before the names people use (Q4_K_M).
-    by_ftype = {p.ftype: p for p in PRESETS if not p.only_copy and p.producible and p.base_type is not None}
+    by_ftype = {p.ftype: p for p in PRESETS if not p.only_copy}
     for preset, plan in preset_plans(source.specs, source.model, by_ftype.values(), source.options):
         types = plan.types()
         if any(types.get(o.name) is None or types[o.name].name not in o.labels for o in varied):
