@@ -145,7 +145,9 @@ def test_what_llama_cpp_refuses_is_refused(tmp_path, capsys, model, preset, with
 
 
 @pytest.mark.parametrize("model", MODELS)
-@pytest.mark.parametrize(("preset", "with_imatrix"), [("Q4_K_M", False), ("IQ2_M", True), ("TQ2_0", False)])
+@pytest.mark.parametrize(
+    ("preset", "with_imatrix"), [("Q4_K_M", False), ("IQ2_M", True), ("TQ2_0", False), ("Q2_0", False)]
+)
 def test_quantized_preset_loads_and_generates(quantized, model, preset, with_imatrix):
     ours, _ = quantized(model, preset, with_imatrix)
     llm = llama_cpp.Llama(str(ours), n_ctx=128, verbose=False)
