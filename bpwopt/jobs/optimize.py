@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -135,6 +136,8 @@ class OptimizeReport:
     solve_seconds: float
     measured: int  # (tensor, type) pairs measured by this run
     reused: int  # pairs found in the state file
+    measure_seconds: float  # wall time of the measure stage (0 when everything was reused)
+    write_seconds: float  # wall time of the write stage (0 for a dry run)
     reachable_bytes: tuple[int, int]  # smallest plan and least-error plan, in the target's units (no header)
     comparisons: tuple[PresetComparison, ...]
     state_path: Path | None
@@ -166,7 +169,9 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         check_outputs(policy.source, output_path)  # before measuring: its size is checked once the plan is known
     identity = _identity(policy.source, job)
     with _open_state(job, identity) as state:
+        started = time.perf_counter()
         measured, reused = _measure(policy, state, job)
+        measure_seconds = time.perf_counter() - started
         job, problem, template = build_problem(policy, state, job)
         solution, reachable, budget = _solve_for_target(policy, problem, template, job)
         types = problem.types(solution.choice)
@@ -179,7 +184,9 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         tensors = _chosen_tensors(problem, solution.choice, policy.source)
         data_bytes = sum(t.data_bytes for t in tensors)
         comparisons = _comparisons(policy, problem, job, budget) if job.compare_presets else ()
+        started = time.perf_counter()
         written_paths = _write(policy.source, request, output_path, file_bytes) if not job.dry_run else []
+        write_seconds = time.perf_counter() - started if written_paths else 0.0
         if (job.save_state or job.state_path) and job.record_plan:
             _record_plan(state, job, types, solution, data_bytes, file_bytes, problem.elements)
         state_path = state.path if (job.save_state or job.state_path) else None
@@ -196,6 +203,8 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         solve_seconds=solution.seconds,
         measured=measured,
         reused=reused,
+        measure_seconds=measure_seconds if measured else 0.0,
+        write_seconds=write_seconds,
         reachable_bytes=reachable,
         comparisons=comparisons,
         state_path=state_path,

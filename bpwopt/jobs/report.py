@@ -24,7 +24,9 @@ def format_plan(report: OptimizeReport, per_tensor: bool = False) -> str:
         f"file {report.file_bytes:,} bytes, predicted error {report.predicted_error:.6g}, "
         f"optimality gap {report.gap:.2e}, solved in {report.solve_seconds:.2f} s"
     )
-    lines.append(f"bpwopt: measured {report.measured} (tensor, type) pairs, reused {report.reused} from the state")
+    took = f" in {report.measure_seconds:.1f} s" if report.measured else ""
+    pairs = f"{report.measured} (tensor, type) pairs{took}, reused {report.reused}"
+    lines.append(f"bpwopt: measured {pairs} from the state")
     for c in report.comparisons:
         ratio = c.optimized_error / c.predicted_error if c.predicted_error > 0 else float("nan")
         lines.append(
@@ -34,7 +36,8 @@ def format_plan(report: OptimizeReport, per_tensor: bool = False) -> str:
     if report.state_path is not None:
         lines.append(f"bpwopt: state {report.state_path}")
     if report.output_path is not None:
-        lines.append(f"bpwopt: wrote {describe_written(report.output_path, report.shards, report.file_bytes)}")
+        written = describe_written(report.output_path, report.shards, report.file_bytes)
+        lines.append(f"bpwopt: wrote {written} in {report.write_seconds:.1f} s")
     return "\n".join(lines)
 
 
