@@ -15,8 +15,6 @@ Methods:
   checked      calibrated, then the KLD check (`--check`, on after calibrate): that plan if it beats the largest
                preset that fits by two paired standard errors on the calibration text, else the preset (the row
                says which was kept)
-  searched     checked, with the KLD search first (--search-seconds): classes held at that preset's types where
-               that lowers the KLD on the selection text (`bpwopt.quality.search`), then the same check
   sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate --probe noise`)
   tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
                calibration text) at held-out budgets: bpw midway between the two smallest and between
@@ -61,7 +59,7 @@ MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/ma
     "gemma3": (gemma3_path, REPO / "data" / "gemma3-270m-offgrid-f16.imatrix.gguf"),
 }
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
-METHODS = ["wsse", "relative", "per-weight", "calibrated", "checked", "searched", "sensitivity", "tuned"]
+METHODS = ["wsse", "relative", "per-weight", "calibrated", "checked", "sensitivity", "tuned"]
 DEFAULT_METHODS = ["per-weight", "calibrated", "checked"]
 HEADER = (
     "| preset | imatrix | method | file bytes | bpw | mean KLD | ± | p99 KLD | same top | PPL | KLD / preset |\n"
@@ -82,7 +80,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--noise", type=float, default=DEFAULT_NOISE, help="calibration noise, rho^2")
     parser.add_argument("--calibration-chunks", type=int, default=2)
     parser.add_argument("--calibration-ctx", type=int, default=256)
-    parser.add_argument("--search-seconds", type=float, default=600.0, help="the KLD search's budget (searched)")
     parser.add_argument("--trials", type=int, default=16, help="optuna trials for the tuned method")
     parser.add_argument("--chunks", type=int, default=None, help="evaluation windows (default: evaluate's)")
     parser.add_argument("--candidates", default=None, help="T1,T2,... as bpwopt's --candidates (default: bpwopt's)")
@@ -120,8 +117,7 @@ def main() -> None:
     optimize_file(replace(solve, dry_run=True, ignore_importance=True))  # measures what the state lacks
     calibrated = {}  # method -> the state it solves from, calibrated as that method needs
     for method, probe, groups in (("calibrated", args.probe, args.groups), ("sensitivity", "noise", DEFAULT_GROUPING)):
-        needing = {"calibrated": ("calibrated", "checked", "searched"), "sensitivity": ("sensitivity", "tuned")}
-        if any(m in args.methods for m in needing[method]):
+        if method in args.methods or {method: "checked", "sensitivity": "tuned"}[method] in args.methods:
             calibrated[method] = work / f"{args.model}-{bpwopt_label}-{probe}-{groups}.bpw_state"
             if not calibrated[method].exists():
                 shutil.copyfile(measured, calibrated[method])
@@ -143,14 +139,12 @@ def main() -> None:
             if method != "preset":  # every method at the preset's size
                 out = work / f"{name}-{bpwopt_label}-{method}.gguf"
                 job = method_job(solve, method, presets, args, out, preset_bytes)
-                if method in ("calibrated", "checked", "searched"):  # the default flow after calibrate
+                if method in ("calibrated", "checked"):  # the default flow after calibrate
                     job = replace(job, state_path=calibrated["calibrated"], objective=None)
-                if method in ("checked", "searched"):
+                if method == "checked":
                     started = time.perf_counter()
-                    seconds = args.search_seconds if method == "searched" else 0.0
-                    check = checked_optimize(replace(job, record_plan=False), search_seconds=seconds,
-                                             threads=args.threads)  # fmt: skip
-                    kept = f"{method}: kept {check.chosen.split(' ')[0]}"
+                    check = checked_optimize(replace(job, record_plan=False), threads=args.threads)
+                    kept = f"checked: kept {check.chosen.split(' ')[0]}"
                     print(f"{format_check(check)}\ncheck: {time.perf_counter() - started:.1f} s", flush=True)
                 else:
                     optimize_file(job)
@@ -191,7 +185,7 @@ def method_job(
     job = replace(solve, output_path=out, target=Target(file_bytes=file_bytes), objective="relative")
     if method in ("wsse", "relative", "per-weight"):
         return replace(job, objective=method, ignore_importance=True)
-    if method in ("sensitivity", "calibrated", "checked", "searched"):
+    if method in ("sensitivity", "calibrated", "checked"):
         return replace(job, tuning={})
     report = tune(solve, held_out_budgets(presets), trials=args.trials, threads=args.threads, progress=False)
     return replace(job, tuning=report.chosen.tuning)

@@ -6,7 +6,3 @@ The CLI catches it once and prints its message as a single line on stderr.
 
 class BpwoptError(Exception):
     """A user-facing error; str(error) is the whole one-line message."""
-
-
-class OutOfReachError(BpwoptError):
-    """A size or bpw target outside what the plans can reach (the message names the reachable range)."""

@@ -42,7 +42,8 @@ def test_row_length_of_256_takes_every_candidate():
 
 def test_row_length_576_takes_llama_cpps_fallbacks_smallest_first():
     # SmolLM2's width: K-quants and i-quants fall back to IQ4_NL, Q4_0, Q5_0, Q5_1, Q8_0 as in llama.cpp; Q1_0 has none
-    assert candidate_types(576, DEFAULT_CANDIDATES) == (Q.Q2_0, Q.MXFP4, Q.IQ4_NL, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+    fitted = (Q.Q2_0, Q.MXFP4, Q.IQ4_NL, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0)
+    assert candidate_types(576, DEFAULT_CANDIDATES) == fitted
 
 
 def test_row_length_not_a_multiple_of_32_falls_back_to_f16():

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType
 
-from bpwopt.errors import BpwoptError, OutOfReachError
+from bpwopt.errors import BpwoptError
 from bpwopt.formats.gguf_writer import padded_size
 from bpwopt.formats.splits import model_sha256
 from bpwopt.jobs.quantize import (
@@ -83,8 +83,6 @@ class OptimizeJob:
     overrides: dict[str, KeyValue] = field(default_factory=dict)
     rounding: str = DEFAULT_ROUNDING  # --rounding: the quantizers measured and written (part of the state's identity)
     candidates: tuple[GGMLQuantizationType, ...] = DEFAULT_CANDIDATES
-    # source name -> the one type it may take (the KLD search's holds of llama.cpp's choices)
-    held_types: dict[str, GGMLQuantizationType] = field(default_factory=dict)
     sampling: Sampling = field(default_factory=Sampling)
     state_path: Path | None = None  # --state-file
     save_state: bool = False  # --save-state: state/<model>-<hash>-mse.bpw_state unless state_path
@@ -227,17 +225,7 @@ def _apply_policy(job: OptimizeJob) -> PolicyPlan:
     types_of = {t.source_name: _quantizable_types(source, t.source_name, job.candidates) for t in varied}
     if job.type_text:
         types_of = _with_recipe_types(types_of, varied)
-    types_of = {name: (job.held_types[name],) if name in job.held_types else types for name, types in types_of.items()}
     return PolicyPlan(source, recipe.preset, base, varied, types_of)
-
-
-def preset_types(job: OptimizeJob, name: str) -> dict[str, tuple[str, GGMLQuantizationType]]:
-    """Each tensor the optimizer varies (by source name): its class and the type llama.cpp's preset NAME gives it."""
-    policy = _apply_policy(replace(job, held_types={}))
-    preset = parse_type_argument(name, is_clip=False).preset
-    plan = plan_types(policy.source.specs, policy.source.model, preset, policy.source.options, check_writable=False)
-    varied = {t.source_name for t in policy.varied}
-    return {t.source_name: (t.category.value, t.target_type) for t in plan.tensors if t.source_name in varied}
 
 
 def _quantizable_types(
@@ -463,7 +451,7 @@ def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int,
         low, high = reachable[0] + header, reachable[1] + header
         if not low <= target.file_bytes <= high:
             where = "below the smallest" if target.file_bytes < low else "above the least-error"
-            raise OutOfReachError(
+            raise BpwoptError(
                 f"--target-size {target.file_bytes:,} bytes is {where} plan's file "
                 f"(reachable: {low:,} to {high:,} bytes)"
             )
@@ -474,7 +462,7 @@ def _budget(target: Target, problem: Problem, header: int, reachable: tuple[int,
         low = math.ceil(8e4 * reachable[0] / problem.elements) / 1e4
         high = math.floor(8e4 * reachable[1] / problem.elements) / 1e4
         where = "below the smallest" if budget < reachable[0] else "above the least-error"
-        raise OutOfReachError(
+        raise BpwoptError(
             f"--target-bpw {target.bits_per_weight:g} is {where} plan's bpw (reachable: {low:.4f} to {high:.4f} bpw)"
         )
     return min(budget, reachable[1]) - problem.fixed_cost

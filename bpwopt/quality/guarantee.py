@@ -28,7 +28,6 @@ from bpwopt.formats.output_paths import OutputPath, writable_output
 from bpwopt.jobs.optimize import OptimizeJob, OptimizeReport, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
 from bpwopt.quality.evaluate import EvalResult, evaluate
-from bpwopt.quality.search import SearchReport, format_search, search_holds
 from bpwopt.quality.texts import calibration_text
 from bpwopt.solve.objective import PROBE_BPW_KEY
 from bpwopt.state.store import StateFile, read_identity
@@ -54,7 +53,6 @@ class CheckReport:
     chosen: str  # the label of the file now at the output path
     difference: float  # mean per-token KLD of the preset minus the plan's (positive: the plan is better)
     difference_stderr: float
-    search: SearchReport | None  # the KLD search before the comparison, when one ran
 
 
 def wants_check(mode: str, job: OptimizeJob) -> bool:
@@ -92,18 +90,11 @@ def _fits(job: OptimizeJob, file_bytes: int | None, data_bytes: int, elements: i
 
 
 def checked_optimize(
-    job: OptimizeJob,
-    *,
-    search_seconds: float = 0.0,
-    chunks: int = DEFAULT_CHUNKS,
-    ctx: int = DEFAULT_CTX,
-    threads: int | None = None,
+    job: OptimizeJob, *, chunks: int = DEFAULT_CHUNKS, ctx: int = DEFAULT_CTX, threads: int | None = None
 ) -> CheckReport:
     """optimize_file(job); keep its plan if it beats the fitting preset's measured KLD significantly, else the preset.
 
-    search_seconds > 0: before the comparison, the KLD search (bpwopt.quality.search) may hold some classes
-    at that preset's types, and the plan compared is the one solved with those holds. job must write one
-    file (no dry run, no --keep-split). Raises BpwoptError as optimize_file does.
+    job must write one file (no dry run, no --keep-split). Raises BpwoptError as optimize_file does.
     """
     if job.dry_run or job.options.keep_split:
         raise BpwoptError("the KLD check writes and compares whole files; it cannot run with --dry-run or --keep-split")
@@ -118,8 +109,6 @@ def checked_optimize(
         beside = Path(directory)
         plan_path = beside / f".{target.path.name}.bpwopt-plan.gguf"
         preset_path = beside / f".{target.path.name}.bpwopt-preset.gguf"
-        search_path = beside / f".{target.path.name}.bpwopt-search.gguf"
-        search = None
         try:
             plan = optimize_file(replace(job, output_path=plan_path, compare_presets=True))
             candidates = [(f"bpwopt ({plan.target.describe()})", plan_path, plan.file_bytes)]
@@ -129,14 +118,6 @@ def checked_optimize(
                 if _fits(job, preset.file_bytes, preset.output_data_bytes, preset.elements):
                     candidates.append((name, preset_path, preset.file_bytes))
                     break
-            if search_seconds > 0 and len(candidates) == 2:
-                search = search_holds(job, candidates[1][0], seconds=search_seconds, scratch=search_path,
-                                      threads=threads)  # fmt: skip
-                if search.held_types:
-                    held = optimize_file(replace(job, output_path=plan_path, held_types=search.held_types))
-                    plan = replace(held, comparisons=plan.comparisons, measured=plan.measured + held.measured)
-                    candidates[0] = (f"bpwopt ({plan.target.describe()}, holding {', '.join(search.held)})",
-                                     plan_path, plan.file_bytes)  # fmt: skip
             text = calibration_text()
             results: list[EvalResult] = [
                 evaluate(job.input_path, path, text, ctx=ctx, chunks=chunks, threads=threads, progress=False)
@@ -146,14 +127,14 @@ def checked_optimize(
             best = 1 if len(results) == 2 and not difference > SIGNIFICANCE * stderr else 0
             _publish(candidates[best][1], target)
         finally:
-            for path in (plan_path, preset_path, search_path):
+            for path in (plan_path, preset_path):
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
     kept = tuple(
         Candidate(label, size, r.mean_kld, r.mean_kld_stderr)
         for (label, _, size), r in zip(candidates, results, strict=True)
     )
-    return CheckReport(replace(plan, output_path=final), kept, kept[best].label, difference, stderr, search)
+    return CheckReport(replace(plan, output_path=final), kept, kept[best].label, difference, stderr)
 
 
 def _publish(candidate: Path, target: OutputPath) -> None:
@@ -178,8 +159,7 @@ def paired_difference(results: list[EvalResult]) -> tuple[float, float]:
 
 def format_check(report: CheckReport) -> str:
     """One line per candidate and which one was kept."""
-    lines = [format_search(report.search)] if report.search is not None else []
-    lines += [
+    lines = [
         f"KLD check on the calibration text: {c.label}: {c.file_bytes:,} bytes, KLD {c.mean_kld:.5f} ± "
         f"{c.mean_kld_stderr:.5f}" for c in report.candidates
     ]  # fmt: skip

@@ -55,15 +55,6 @@ def calibration_text() -> str:
     return ARTICLE_SEPARATOR.join(_articles()[:CALIBRATION_ARTICLES]) + "\n"
 
 
-def selection_text() -> str:
-    """The later half of the calibration text (articles 73–145): what the KLD search chooses on.
-
-    Held out from the check, which reads the first windows of the calibration text, so that the
-    check judges the search's choice on text the choice was not made on.
-    """
-    return ARTICLE_SEPARATOR.join(_articles()[CALIBRATION_ARTICLES // 2 : CALIBRATION_ARTICLES]) + "\n"
-
-
 def evaluation_text() -> str:
     """Text for KL divergence and perplexity: the other 147 articles (about 177 KB), none in the calibration text."""
     return ARTICLE_SEPARATOR.join(_articles()[CALIBRATION_ARTICLES:]) + "\n"

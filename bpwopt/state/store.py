@@ -4,9 +4,7 @@ The measure stage writes every (tensor, type) measurement into it the moment
 that measurement exists, so a run killed at any point (even by `kill -9`)
 resumes where it stopped; the solve stage reads the measurements and adds
 each plan it makes; `bpwopt eval` and `bpwopt tune` add evaluations,
-sensitivities and tuned per-group weights that later solves read back, and
-the KLD search the per-token KLD of each plan it tried (table `searched`,
-made when first needed; older bpwopts never read it). A
+sensitivities and tuned per-group weights that later solves read back. A
 state is reusable only for the run that made it: its `StateIdentity` (model
 hash, imatrix hash, candidate types, sampling, format version) is stored in
 the file and an open with any other identity is refused with a message that
@@ -31,7 +29,6 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-import numpy as np
 from sqlite_utils import Database
 
 from bpwopt.errors import BpwoptError
@@ -264,22 +261,6 @@ class StateFile:
         return [
             {**row, "metrics": json.loads(row["metrics"])} for row in self._db["evaluations"].rows_where(order_by="id")
         ]
-
-    def add_searched(self, key: str, kld_per_token: np.ndarray) -> None:
-        """Store the per-token KLD of one plan the KLD search evaluated (bpwopt.quality.search), by its key."""
-        row = {"key": key, "kld": np.ascontiguousarray(kld_per_token, dtype="<f8").tobytes(), "created": _now()}
-        with self._writing(), self._db.atomic():
-            if not self._db["searched"].exists():
-                self._db["searched"].create({"key": str, "kld": bytes, "created": str}, pk="key",
-                                            not_null={"key", "kld", "created"}, strict=True)  # fmt: skip
-            self._db["searched"].upsert(row, pk="key")
-
-    def searched(self, key: str) -> np.ndarray | None:
-        """The stored per-token KLD (float64) of the plan with this key, or None."""
-        if not self._db["searched"].exists():
-            return None
-        rows = list(self._db["searched"].rows_where("key = ?", [key]))
-        return np.frombuffer(rows[0]["kld"], dtype="<f8").copy() if rows else None
 
     def set_values(self, table: str, values: dict[str, float]) -> None:
         """Replace every row of a value table (VALUE_TABLES: name -> float) atomically."""
