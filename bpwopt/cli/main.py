@@ -255,6 +255,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--precise", action="store_true", help="measure every row of every tensor (no sampling)")
     add("--sample-rows", type=int, default=Sampling.max_rows, metavar="N", help="rows measured per large tensor")
     add("--seed", type=int, default=0, help="seed of the row sample")
+    add("--ray", metavar="ADDRESS", help="measure on the Ray cluster at ADDRESS (host:port, or auto); its workers "
+        "must see IN at the same path; pip install 'bpwopt[ray]'")  # fmt: skip
     add("--time-limit", type=float, default=10.0, metavar="S", help="seconds for the exact solver stage")
     add("--json", action="store_true", help="machine-readable summary on stdout")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
@@ -388,6 +390,7 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
         type_text=where.type_text,
         candidates=parse_candidates(args.candidates),
         sampling=Sampling(max_rows=args.sample_rows, seed=args.seed, precise=args.precise),
+        ray_address=args.ray,
         state_path=args.state_file,
         save_state=args.save_state,
         objective=args.objective,

@@ -36,6 +36,7 @@ from bpwopt.jobs.quantize import (
     tensor_output_bytes,
     write_request,
 )
+from bpwopt.measure.executors import RayExecutor
 from bpwopt.measure.measure import (
     DEFAULT_CANDIDATES,
     Sampling,
@@ -84,6 +85,7 @@ class OptimizeJob:
     rounding: str = DEFAULT_ROUNDING  # --rounding: the quantizers measured and written (part of the state's identity)
     candidates: tuple[GGMLQuantizationType, ...] = DEFAULT_CANDIDATES
     sampling: Sampling = field(default_factory=Sampling)
+    ray_address: str | None = None  # --ray: measure on this Ray cluster ("auto" or host:port); None: in this process
     state_path: Path | None = None  # --state-file
     save_state: bool = False  # --save-state: state/<model>-<hash>-mse.bpw_state unless state_path
     objective: str | None = None  # None: bpwopt.solve.objective.default_objective of the state's weights
@@ -416,7 +418,8 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
         )
     reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
     total = sum(int(by_name[plan.source_name].n_elements) * max(1, len(missing)) for plan, missing, _ in pending)
-    measure_tensors(tasks(), lambda result: _store(state, result), progress=job.progress, total=total)
+    executor = RayExecutor(job.ray_address) if job.ray_address else None
+    measure_tensors(tasks(), lambda result: _store(state, result), executor, progress=job.progress, total=total)
     return measured, reused
 
 
