@@ -41,8 +41,9 @@ from bpwopt.source.rows import expert_count, release_pages, rows_to_float, tenso
 Q = GGMLQuantizationType
 # Every type that sits on some tensor's error/size front of SmolLM2 or Gemma-3-270M, with or without an imatrix
 # (benchmarks/pareto.py; RESULTS.md "Every type"), plus Q4_0 for llama.cpp's fallbacks and preset comparisons.
-# TQ1_0 and TQ2_0 never did. Q2_0 is on the front only where it is the smallest type that fits (the 576-wide
-# tensors of SmolLM2), and changes no plan at any preset's size there: it extends how small a plan can go.
+# TQ1_0 and TQ2_0 never did. Q2_0 is on the front of SmolLM2's 576-wide tensors (the smallest type they fit)
+# and of 31 of Gemma's 127 with an imatrix; it changes no SmolLM2 plan at the presets' sizes, and lets plans go
+# smaller (the demo model: 2.04 bpw instead of 3.64).
 # Types that need an imatrix are measured only for tensors it covers.
 DEFAULT_CANDIDATES = (
     Q.Q1_0, Q.IQ1_S, Q.IQ1_M, Q.IQ2_XXS, Q.Q2_0, Q.IQ2_XS, Q.IQ2_S, Q.Q2_K, Q.IQ3_XXS, Q.IQ3_S, Q.Q3_K, Q.IQ4_XS,
