@@ -24,7 +24,10 @@ import ray
 from gguf import GGMLQuantizationType as Q
 
 from bpwopt.cli.main import main
+from bpwopt.errors import BpwoptError
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
+from bpwopt.measure.executors import RayExecutor
+from bpwopt.measure.measure import Sampling, TensorTask, measure_tensor
 from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.solve.targets import Target
 from bpwopt.state.store import StateFile, read_identity
@@ -123,6 +126,14 @@ def test_the_cli_measures_on_the_cluster_given_by_ray(cluster, demo_model_path, 
     assert main(argv) == 0
     assert f"measured {len(in_process)} (tensor, type) pairs" in capsys.readouterr().out
     assert _measurements(state) == in_process
+
+
+def test_a_tasks_error_comes_back_as_the_task_raised_it(cluster, demo_model_path):
+    task = TensorTask(model_path=str(demo_model_path), tensor="blk.99.no_such.weight", category="other",
+                      types=("Q8_0",), weights=None, sampling=Sampling(), needs_record=True, elements=1)  # fmt: skip
+    with pytest.raises(BpwoptError) as raised:
+        list(RayExecutor(cluster).map(measure_tensor, [task]))
+    assert str(raised.value) == f"{demo_model_path} has no tensor blk.99.no_such.weight"
 
 
 def test_an_unreachable_cluster_is_one_line(demo_model_path, tmp_path, capsys):

@@ -75,7 +75,10 @@ class RayExecutor:
         try:
             while pending:
                 (done,), pending = ray.wait(pending, num_returns=1)
-                result = ray.get(done)
+                try:
+                    result = ray.get(done)
+                except ray.exceptions.RayTaskError as error:  # its text is the worker's whole traceback
+                    raise error.cause from None  # the task's own exception, as the in-process run raises it
                 pending.extend(remote.remote(task) for task in itertools.islice(queue, 1))
                 yield result
         finally:
