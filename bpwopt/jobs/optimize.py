@@ -136,8 +136,8 @@ class OptimizeReport:
     solve_seconds: float
     measured: int  # (tensor, type) pairs measured by this run
     reused: int  # pairs found in the state file
-    measure_seconds: float  # wall time of the measure stage (0 when everything was reused)
-    write_seconds: float  # wall time of the write stage (0 for a dry run)
+    measure_seconds: float  # wall time of the measure stage
+    write_seconds: float  # wall time of the write stage
     reachable_bytes: tuple[int, int]  # smallest plan and least-error plan, in the target's units (no header)
     comparisons: tuple[PresetComparison, ...]
     state_path: Path | None
@@ -186,7 +186,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         comparisons = _comparisons(policy, problem, job, budget) if job.compare_presets else ()
         started = time.perf_counter()
         written_paths = _write(policy.source, request, output_path, file_bytes) if not job.dry_run else []
-        write_seconds = time.perf_counter() - started if written_paths else 0.0
+        write_seconds = time.perf_counter() - started
         if (job.save_state or job.state_path) and job.record_plan:
             _record_plan(state, job, types, solution, data_bytes, file_bytes, problem.elements)
         state_path = state.path if (job.save_state or job.state_path) else None
@@ -203,7 +203,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         solve_seconds=solution.seconds,
         measured=measured,
         reused=reused,
-        measure_seconds=measure_seconds if measured else 0.0,
+        measure_seconds=measure_seconds,
         write_seconds=write_seconds,
         reachable_bytes=reachable,
         comparisons=comparisons,
