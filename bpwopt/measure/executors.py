@@ -9,9 +9,10 @@ tensor.
 On a Ray cluster (`RayExecutor`, `bpwopt ... --ray ADDRESS`) the workers read
 the model from the task's path, which each of them must see (a shared file
 system, or the same file copied to the same path): a task reads only its own
-tensor's sampled rows, far less than the driver would ship, and the model is
-read where it is used instead of through the driver's network link. Only the
-imatrix weights of a tensor travel with its task. The driver stays the state's
+tensor's sampled rows, the same bytes the driver would otherwise have to read
+and send, but every worker reads its share from storage at once instead of all
+of it passing through the driver's one link. Only the imatrix weights of a
+tensor travel with its task. The driver stays the state's
 only writer: it stores each result as it arrives, so a killed driver loses the
 tasks in flight and nothing else, and Ray reruns a task whose worker died.
 """
