@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pickle
 from concurrent.futures import ProcessPoolExecutor
+from itertools import pairwise
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -18,7 +19,6 @@ import bpwopt
 from bpwopt.demo import smollm2_path
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.gguf_reader import open_gguf
-from bpwopt.formats.imatrix import Imatrix
 from bpwopt.measure import backends
 from bpwopt.measure.measure import (
     DEFAULT_CANDIDATES,
@@ -26,11 +26,9 @@ from bpwopt.measure.measure import (
     TensorTask,
     candidate_types,
     estimate_total,
-    load_rows,
     measure_tensor,
     measure_tensors,
-    measure_type,
-    sample_rows,
+    sample_order,
 )
 from bpwopt.quant.types import get_quant_type
 from bpwopt.source.rows import release_pages, tensor_rows
@@ -56,31 +54,67 @@ def test_a_candidate_without_a_fallback_is_left_out_where_its_block_does_not_fit
     assert candidate_types(640, [Q.Q1_0, Q.MXFP4]) == (Q.Q1_0, Q.MXFP4)
 
 
-def test_small_tensors_are_measured_whole():
-    sample = sample_rows(500, Sampling(max_rows=1024), "blk.0.attn_q.weight")
-    assert sample.complete and np.array_equal(sample.rows, np.arange(500))
+def _largest(n_rows: int, sampling: Sampling, name: str = "t"):
+    """The last (largest) round's sample of a tensor with n_rows rows."""
+    order = sample_order(n_rows, sampling, name)
+    return order.first(order.per_stratum[-1])
 
 
-def test_sample_is_stratified_deterministic_and_named():
-    sampling = Sampling(max_rows=64, seed=3)
-    first = sample_rows(10_000, sampling, "token_embd.weight")
+def test_tensors_no_larger_than_the_first_round_are_measured_whole():
+    order = sample_order(50, Sampling(), "blk.0.attn_q.weight")
+    assert order.per_stratum == (50,)
+    sample = order.first(50)
+    assert sample.complete and np.array_equal(sample.rows, np.arange(50))
+
+
+def test_first_round_is_stratified_deterministic_and_named():
+    sampling = Sampling(seed=3)
+    first = sample_order(10_000, sampling, "token_embd.weight").first(2)
     assert not first.complete and first.rows.size == 64
-    assert np.array_equal(first.rows, sample_rows(10_000, sampling, "token_embd.weight").rows)
-    assert not np.array_equal(first.rows, sample_rows(10_000, sampling, "output.weight").rows)
+    assert np.array_equal(first.rows, sample_order(10_000, sampling, "token_embd.weight").first(2).rows)
+    assert not np.array_equal(first.rows, sample_order(10_000, sampling, "output.weight").first(2).rows)
     # two rows from each of 32 equal strata: every part of the tensor is represented
     bounds = np.linspace(0, 10_000, 33).astype(np.int64)
     stratum_of_row = np.searchsorted(bounds, first.rows, side="right") - 1
     assert np.array_equal(np.bincount(stratum_of_row, minlength=32), np.full(32, 2))
 
 
+def test_rounds_double_and_each_contains_the_last():
+    # a round reads only the rows it adds: each sample is a prefix of the next
+    order = sample_order(10_000, Sampling(max_rows=1024), "t")
+    samples = list(order.rounds())
+    assert [s.rows.size for s in samples] == [64, 128, 256, 512, 1024]
+    for smaller, larger in pairwise(samples):
+        assert np.array_equal(larger.rows[: smaller.rows.size], smaller.rows)
+    assert len(set(samples[-1].rows.tolist())) == 1024 and not samples[-1].complete
+
+
+def test_the_last_round_is_every_row_where_the_cap_allows():
+    samples = list(sample_order(576, Sampling(max_rows=1024), "t").rounds())
+    assert [s.rows.size for s in samples] == [64, 128, 256, 512, 576] and samples[-1].complete
+    assert np.array_equal(np.sort(samples[-1].rows), np.arange(576))
+
+
+def test_a_moe_tensor_gets_a_stratum_per_expert():
+    order = sample_order(128 * 8, Sampling(), "blk.0.ffn_down_exps.weight", n_expert=128)
+    first = order.first(2)
+    assert first.rows.size == 256 and np.array_equal(np.bincount(first.rows // 8, minlength=128), np.full(128, 2))
+
+
 def test_precise_measures_every_row():
-    assert sample_rows(10_000, Sampling(max_rows=64, precise=True), "t").complete
+    assert sample_order(10_000, Sampling(max_rows=64, precise=True), "t").first(10_000).complete
+
+
+@pytest.mark.parametrize("rse", [-0.1, 1.0, float("nan")])
+def test_a_relative_standard_error_outside_0_to_1_is_refused(rse):
+    with pytest.raises(BpwoptError, match="--sample-rse"):
+        Sampling(rse=rse)
 
 
 @settings(max_examples=30, deadline=None)
 @given(n_rows=st.integers(200, 5000), max_rows=st.integers(2, 150), value=st.floats(0, 1e6))
 def test_estimate_is_exact_when_rows_are_alike(n_rows, max_rows, value):
-    sample = sample_rows(n_rows, Sampling(max_rows=max_rows), "t")
+    sample = _largest(n_rows, Sampling(max_rows=max_rows))
     total, stderr = estimate_total(np.full(sample.rows.size, value), sample)
     assert total == pytest.approx(value * n_rows, rel=1e-12) and stderr == pytest.approx(0, abs=1e-6 * (value + 1))
 
@@ -90,7 +124,7 @@ def test_estimate_is_unbiased_and_its_error_bar_honest():
     truth = per_row_all.sum()
     estimates, bars = [], []
     for seed in range(300):
-        sample = sample_rows(per_row_all.size, Sampling(max_rows=256, seed=seed), "t")
+        sample = _largest(per_row_all.size, Sampling(max_rows=256, seed=seed))
         total, stderr = estimate_total(per_row_all[sample.rows], sample)
         estimates.append(total)
         bars.append(stderr)
@@ -103,10 +137,9 @@ def test_estimate_is_unbiased_and_its_error_bar_honest():
 def test_error_bar_shrinks_with_the_sample():
     per_row_all = np.random.default_rng(0).gamma(2.0, 1.0, 100_000)
     bars = []
-    for max_rows in (64, 1024, 16384):
-        sample = sample_rows(per_row_all.size, Sampling(max_rows=max_rows), "t")
+    for sample in sample_order(per_row_all.size, Sampling(max_rows=16384), "t").rounds():
         bars.append(estimate_total(per_row_all[sample.rows], sample)[1])
-    assert bars[0] > bars[1] > bars[2]
+    assert all(a > b for a, b in pairwise(bars))
 
 
 @pytest.fixture(scope="module")
@@ -118,53 +151,74 @@ def _tensor(reader, name):
     return next(t for t in reader.tensors if t.name == name)
 
 
-@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.IQ4_NL, Q.Q6_K])
-def test_whole_tensor_measurement_equals_the_kernels_error(demo_reader, qtype):
-    tensor = _tensor(demo_reader, "blk.3.ffn_down.weight")
-    weights = np.random.default_rng(0).random(int(tensor.shape[0])).astype(np.float32)
-    imatrix = Imatrix(path="x", entries={tensor.name: weights})
-    rows = load_rows(tensor, imatrix.weights_for(tensor.name, 1536, 1), Sampling())
-    measurement = measure_type(rows, qtype, rows.values.shape[0])
-    expected = bpwopt.quant_error(rows.values, qtype, weights)
-    assert (measurement.value("weighted_sse"), measurement.value("sse")) == pytest.approx(expected, rel=1e-12)
-    assert measurement.statistics["weighted_sse"].stderr == 0 and measurement.rows_measured == rows.values.shape[0]
-    assert measurement.nbytes == rows.values.shape[0] * get_quant_type(qtype).row_bytes(1536)
-
-
-def test_sampled_embedding_estimate_is_close_to_the_whole(demo_reader):
-    tensor = _tensor(demo_reader, "token_embd.weight")
-    total_rows = int(tensor.shape[1])
-    sampled = measure_type(load_rows(tensor, None, Sampling(max_rows=2048)), Q.Q4_0, total_rows)
-    whole = measure_type(load_rows(tensor, None, Sampling(precise=True)), Q.Q4_0, total_rows)
-    assert sampled.rows_measured == 2048 and whole.rows_measured == total_rows
-    estimate, exact = sampled.statistics["sse"], whole.statistics["sse"]
-    assert abs(estimate.value - exact.value) < 4 * estimate.stderr
-    assert estimate.stderr < 0.05 * estimate.value
-
-
-def test_source_type_costs_nothing(demo_reader):
-    # the write stage copies a tensor whose target is its source type: it adds no error
-    tensor = _tensor(demo_reader, "blk.0.attn_q.weight")
-    measurement = measure_type(load_rows(tensor, None, Sampling()), Q.Q4_1, 576)
-    assert measurement.value("sse") == 0 and measurement.value("weighted_sse") == 0
-
-
 def _task(model_path, name: str, types: tuple[str, ...], weights=None, **changes) -> TensorTask:
     fields = dict(model_path=str(model_path), tensor=name, category="ffn_down", types=types, weights=weights,
                   sampling=Sampling(max_rows=64), needs_record=True, elements=1536 * 576)  # fmt: skip
     return TensorTask(**{**fields, **changes})
 
 
-def test_a_task_is_plain_data_and_measures_what_the_kernels_measure(demo_model_path, demo_reader):
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.IQ4_NL, Q.Q6_K])
+def test_whole_tensor_measurement_equals_the_kernels_error(demo_model_path, demo_reader, qtype):
+    tensor = _tensor(demo_reader, "blk.3.ffn_down.weight")
+    weights = np.random.default_rng(0).random((1, 1536)).astype(np.float32)
+    task = _task(demo_model_path, tensor.name, (qtype.name,), weights, sampling=Sampling(precise=True))
+    (measurement,) = measure_tensor(task).measurements
+    values = bpwopt.dequantize(np.asarray(tensor_rows(tensor)), Q.Q4_1)
+    expected = bpwopt.quant_error(values, qtype, weights[0])
+    assert (measurement.value("weighted_sse"), measurement.value("sse")) == pytest.approx(expected, rel=1e-12)
+    assert measurement.statistics["weighted_sse"].stderr == 0 and measurement.rows_measured == 576
+    assert measurement.nbytes == 576 * get_quant_type(qtype).row_bytes(1536)
+
+
+def test_sampled_embedding_estimate_is_close_to_the_whole(demo_model_path):
+    sampled, whole = (
+        measure_tensor(_task(demo_model_path, "token_embd.weight", ("Q4_0",), sampling=sampling)).measurements[0]
+        for sampling in (Sampling(max_rows=2048, rse=0), Sampling(precise=True))
+    )
+    assert sampled.rows_measured == 2048 and whole.rows_measured == whole.rows_total == 49152
+    estimate, exact = sampled.statistics["sse"], whole.statistics["sse"]
+    assert abs(estimate.value - exact.value) < 4 * estimate.stderr
+    assert estimate.stderr < 0.05 * estimate.value
+
+
+def test_a_sample_grows_until_its_error_bar_is_small_enough(demo_model_path):
+    # blk.3.ffn_down has 576 rows: measured on 64 of them when 50 % is enough, on all when only exact is
+    def measured(rse):
+        task = _task(demo_model_path, "blk.3.ffn_down.weight", ("Q4_K", "Q8_0"), sampling=Sampling(rse=rse))
+        return measure_tensor(task).measurements
+
+    assert [m.rows_measured for m in measured(0.5)] == [64, 64]
+    assert [m.rows_measured for m in measured(0.0)] == [576, 576]
+    for m in measured(0.01):
+        errors = m.statistics.values()
+        assert all(e.stderr <= 0.01 * e.value for e in errors) and m.rows_measured < 576
+        assert not all(e.stderr <= 0.01 * e.value for e in measured(0.5)[0].statistics.values())
+
+
+def test_a_dominated_type_stops_at_a_small_sample(demo_model_path):
+    # IQ4_NL is Q4_0's size and errs ~20 % less: however precise the rest, Q4_0 need not be
+    task = _task(demo_model_path, "blk.3.ffn_down.weight", ("IQ4_NL", "Q4_0"), sampling=Sampling(rse=0.001))
+    result = measure_tensor(task)
+    nl, q4 = result.measurements
+    assert result.dominated == ("Q4_0",) and q4.rows_measured == 64 and nl.rows_measured > 64
+    assert q4.value("sse") > nl.value("sse") and q4.value("weighted_sse") > nl.value("weighted_sse")
+
+
+def test_source_type_costs_nothing(demo_model_path):
+    # the write stage copies a tensor whose target is its source type: it adds no error
+    (measurement,) = measure_tensor(_task(demo_model_path, "blk.0.attn_q.weight", ("Q4_1",))).measurements
+    assert measurement.value("sse") == 0 and measurement.value("weighted_sse") == 0
+
+
+def test_a_task_is_plain_data_and_measures_as_in_this_process(demo_model_path, demo_reader):
     tensor = _tensor(demo_reader, "blk.3.ffn_down.weight")
     weights = np.random.default_rng(1).random((1, 1536)).astype(np.float32)
-    task = pickle.loads(pickle.dumps(_task(demo_model_path, tensor.name, ("Q4_K", "Q8_0"), weights)))
-    result = pickle.loads(pickle.dumps(measure_tensor(task)))
-    rows = load_rows(tensor, weights, Sampling(max_rows=64))
+    task = _task(demo_model_path, tensor.name, ("Q4_K", "Q8_0"), weights)
+    result = pickle.loads(pickle.dumps(measure_tensor(pickle.loads(pickle.dumps(task)))))
     assert result.tensor == tensor.name and [m.qtype for m in result.measurements] == ["Q4_K", "Q8_0"]
-    for measurement in result.measurements:
-        direct = measure_type(rows, Q[measurement.qtype], 576)
-        assert measurement.statistics == direct.statistics and measurement.nbytes == direct.nbytes
+    here = measure_tensor(task)
+    assert [m.statistics for m in result.measurements] == [m.statistics for m in here.measurements]
+    assert result.record == here.record
     record = result.record
     assert (record.name, record.shape, record.category, record.layer) == (tensor.name, (1536, 576), "ffn_down", 3)
     assert (record.elements, record.source_type) == (1536 * 576, "Q4_1")

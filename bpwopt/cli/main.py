@@ -144,7 +144,7 @@ def _tune(args: argparse.Namespace) -> None:
     solve = OptimizeJob(
         input_path=args.model, output_path=None, target=budgets[0],
         options=QuantizeOptions(allow_requantize=args.allow_requantize), imatrix_path=args.imatrix,
-        candidates=parse_candidates(args.candidates), sampling=Sampling(max_rows=args.sample_rows),
+        candidates=parse_candidates(args.candidates), sampling=Sampling(max_rows=args.sample_rows, rse=args.sample_rse),
         rounding=args.rounding, state_path=args.state_file, objective=args.objective, progress=not args.quiet,
     )  # fmt: skip
     _set_threads(args.threads)
@@ -253,7 +253,9 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--objective", choices=OBJECTIVES, help=OBJECTIVE_HELP)
     add("--ignore-tensor-importance", action="store_true", help="do not apply stored per-group weights")
     add("--precise", action="store_true", help="measure every row of every tensor (no sampling)")
-    add("--sample-rows", type=int, default=Sampling.max_rows, metavar="N", help="rows measured per large tensor")
+    add("--sample-rows", type=int, default=Sampling.max_rows, metavar="N", help="most rows measured per tensor")
+    add("--sample-rse", type=float, default=Sampling.rse, metavar="X", help="grow a tensor's row sample until "
+        f"each error's relative standard error is at most X (default {Sampling.rse:g}; 0: always --sample-rows)")
     add("--seed", type=int, default=0, help="seed of the row sample")
     add("--ray", metavar="ADDRESS", help="measure on the Ray cluster at ADDRESS (host:port, or auto); its workers "
         "must see IN at the same path; pip install 'bpwopt[ray]'")  # fmt: skip
@@ -389,7 +391,7 @@ def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
         target=target,
         type_text=where.type_text,
         candidates=parse_candidates(args.candidates),
-        sampling=Sampling(max_rows=args.sample_rows, seed=args.seed, precise=args.precise),
+        sampling=Sampling(max_rows=args.sample_rows, seed=args.seed, precise=args.precise, rse=args.sample_rse),
         ray_address=args.ray,
         state_path=args.state_file,
         save_state=args.save_state,
@@ -554,6 +556,7 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--candidates", metavar="T1,T2,...", help="as measured into the state (default: bpwopt's)")
     tuning.add_argument("--sample-rows", type=int, default=Sampling.max_rows, metavar="N",
                         help="as measured into the state")  # fmt: skip
+    tuning.add_argument("--sample-rse", type=float, default=Sampling.rse, metavar="X", help="as measured into the state")
     tuning.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULT_ROUNDING, help="as measured into the state")
     _add_run_options(tuning)
     tuning.set_defaults(run=_tune)

@@ -136,6 +136,7 @@ class OptimizeReport:
     solve_seconds: float
     measured: int  # (tensor, type) pairs measured by this run
     reused: int  # pairs found in the state file
+    dominated: int  # measured pairs whose sample stopped growing because a smaller type clearly errs less
     measure_seconds: float  # wall time of the measure stage
     write_seconds: float  # wall time of the write stage
     reachable_bytes: tuple[int, int]  # smallest plan and least-error plan, in the target's units (no header)
@@ -170,7 +171,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
     identity = _identity(policy.source, job)
     with _open_state(job, identity) as state:
         started = time.perf_counter()
-        measured, reused = _measure(policy, state, job)
+        measured, reused, dominated = _measure(policy, state, job)
         measure_seconds = time.perf_counter() - started
         job, problem, template = build_problem(policy, state, job)
         solution, reachable, budget = _solve_for_target(policy, problem, template, job)
@@ -203,6 +204,7 @@ def optimize_file(job: OptimizeJob) -> OptimizeReport:
         solve_seconds=solution.seconds,
         measured=measured,
         reused=reused,
+        dominated=dominated,
         measure_seconds=measure_seconds,
         write_seconds=write_seconds,
         reachable_bytes=reachable,
@@ -375,8 +377,8 @@ def _open_state(job: OptimizeJob, identity: StateIdentity) -> Iterator[StateFile
         yield state
 
 
-def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[int, int]:
-    """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused).
+def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[int, int, int]:
+    """Measure the (tensor, type) pairs the state lacks; returns (measured now, reused, of them dominated).
 
     A stored pair lacking a statistic this bpwopt computes (a state from before it existed) is measured again.
     Tasks are made as the executor takes them, so only the tensor in flight holds its imatrix weights.
@@ -419,11 +421,13 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
     reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
     total = sum(int(by_name[plan.source_name].n_elements) * max(1, len(missing)) for plan, missing, _ in pending)
     executor = RayExecutor(job.ray_address) if job.ray_address else None
-    measure_tensors(tasks(), lambda result: _store(state, result), executor, progress=job.progress, total=total)
-    return measured, reused
+    dominated = []
+    measure_tensors(tasks(), lambda result: _store(state, result, dominated), executor, job.progress, total)
+    return measured, reused, len(dominated)
 
 
-def _store(state: StateFile, result: TensorResult) -> None:
+def _store(state: StateFile, result: TensorResult, dominated: list[str]) -> None:
+    dominated += result.dominated
     if result.record is not None:
         state.add_tensors([result.record])
     for measurement in result.measurements:

@@ -25,7 +25,8 @@ def format_plan(report: OptimizeReport, per_tensor: bool = False) -> str:
         f"optimality gap {report.gap:.2e}, solved in {report.solve_seconds:.2f} s"
     )
     took = f" in {report.measure_seconds:.1f} s" if report.measured else ""
-    pairs = f"{report.measured} (tensor, type) pairs{took}, reused {report.reused}"
+    dominated = f" ({report.dominated} left at a small sample as dominated)" if report.dominated else ""
+    pairs = f"{report.measured} (tensor, type) pairs{took}{dominated}, reused {report.reused}"
     lines.append(f"bpwopt: measured {pairs} from the state")
     for c in report.comparisons:
         ratio = c.optimized_error / c.predicted_error if c.predicted_error > 0 else float("nan")

@@ -1,15 +1,20 @@
 """Measure stage: the squared error every candidate type adds to every tensor the optimizer may vary.
 
-For each tensor the source rows are dequantized once to float32 and every
-candidate type is round-tripped through the same kernels the write stage uses,
-with the tensor's imatrix exactly as the final quantization will use it. The
-fused kernel returns per-row Σ w(x−x̂)² and Σ (x−x̂)², which sum to the tensor's
-error. Tensors with more rows than `Sampling.max_rows` are measured on a
-stratified, seeded sample of rows, and the standard error of the estimate is
-kept beside it. One tensor is one task (`measure_tensor`, picklable in and
-out), run by an executor (`bpwopt.measure.executors`) with an error backend
-(`bpwopt.measure.backends`); each tensor's result goes to the caller as soon
-as it exists, so the state file commits it before the next one is handed over.
+Every candidate type is round-tripped through the same kernels the write
+stage uses, with the tensor's imatrix exactly as the final quantization will
+use it; the fused kernel returns per-row Σ w(x−x̂)² and Σ (x−x̂)², which sum to
+the tensor's error. Rows are what is sampled, not blocks: llama.cpp's imatrix
+quantizers weigh each block by its row's mean square, so a block's bytes
+depend on its whole row. A tensor's sample is stratified and seeded and grows
+in rounds (64 rows, then 128, ...): a candidate stops once the relative
+standard error of both its sums is below `Sampling.rse`, or once a no larger
+type clearly errs less (it cannot be on the tensor's front, so no plan needs
+its precision), or at `Sampling.max_rows`; `--precise` measures every row.
+The standard error of each estimate is kept beside it. One tensor is one task
+(`measure_tensor`, picklable in and out), run by an executor
+(`bpwopt.measure.executors`) with an error backend (`bpwopt.measure.backends`);
+each tensor's result goes to the caller as soon as it exists, so the state
+file commits it before the next one is handed over.
 """
 
 from __future__ import annotations
@@ -21,8 +26,7 @@ import re
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
-from itertools import pairwise
+from dataclasses import dataclass, field
 
 import gguf
 import numpy as np
@@ -33,7 +37,7 @@ from bpwopt.errors import BpwoptError
 from bpwopt.formats.splits import open_model
 from bpwopt.measure.backends import BACKENDS, DEFAULT_BACKEND, ErrorBackend
 from bpwopt.measure.executors import Executor, InProcessExecutor
-from bpwopt.measure.records import Estimate, Measurement, TensorRecord
+from bpwopt.measure.records import STATISTICS, Estimate, Measurement, TensorRecord
 from bpwopt.policy.llama import fallback_type
 from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, row_bytes
 from bpwopt.source.rows import expert_count, release_pages, rows_to_float, tensor_rows
@@ -51,33 +55,76 @@ DEFAULT_CANDIDATES = (
 )  # fmt: skip
 _ROWS_PER_STRATUM = 2  # two rows per stratum: the fewest that give a variance estimate
 _LAYER = re.compile(r"blk\.(\d+)\.")
+DOMINANCE_MARGIN = 2.0  # standard errors: a type is dominated only where its error is that far above another's
 
 
 @dataclass(frozen=True)
 class Sampling:
-    """Which rows are measured: every row (precise) or at most max_rows, stratified and seeded."""
+    """Which rows are measured: every row (precise), or a seeded stratified sample grown until it is precise enough.
+
+    A candidate is measured on start_rows rows, then on twice as many, and so
+    on, until the relative standard error of both its error sums is at most
+    rse, it is dominated, every row is in, or max_rows is reached.
+    """
 
     max_rows: int = 1024
     seed: int = 0
     precise: bool = False
+    start_rows: int = 64
+    rse: float = 0.05
 
     def __post_init__(self) -> None:
         if self.max_rows < 2:  # two rows per stratum at the least, or there is no standard error
             raise BpwoptError("--sample-rows must be at least 2")
+        if not 0 <= self.rse < 1:
+            raise BpwoptError(f"--sample-rse must be at least 0 and below 1, not {self.rse}")
+
+    @property
+    def first_rows(self) -> int:
+        """Rows of the first round: start_rows, but never more than the cap."""
+        return max(2, min(self.start_rows, self.max_rows))
 
     def describe(self) -> str:
         """Canonical text for the state's identity: measurements are reusable only under equal sampling."""
-        return "precise" if self.precise else f"rows<={self.max_rows};seed={self.seed}"
+        if self.precise:
+            return "precise"
+        return f"rows={self.first_rows}..{self.max_rows};rse<={self.rse:g};seed={self.seed}"
 
 
 @dataclass(frozen=True)
 class RowSample:
     """Row indices to measure and the weights that turn their errors into whole-tensor estimates."""
 
-    rows: np.ndarray  # int64 (n,), sorted
+    rows: np.ndarray  # int64 (n,)
     strata: np.ndarray  # int64 (n,), stratum of each row
     stratum_sizes: np.ndarray  # int64 (n_strata,), rows of the tensor in each stratum
     complete: bool  # every row is measured: the estimate is exact
+
+
+@dataclass(frozen=True)
+class SampleOrder:
+    """The rows of a tensor in the order the rounds add them: by rank within their stratum, then by stratum.
+
+    Each stratum's rows are in a seeded random order; the first m of every
+    stratum are a stratified sample, and the sample of 2m rows per stratum
+    contains the one of m, so a round measures only the rows it adds.
+    """
+
+    rows: np.ndarray  # int64, up to the cap
+    strata: np.ndarray  # int64, stratum of each
+    ranks: np.ndarray  # int64, non-decreasing: position of each row in its stratum's order
+    stratum_sizes: np.ndarray  # int64 (n_strata,)
+    per_stratum: tuple[int, ...]  # rows per stratum of each round
+
+    def first(self, per_stratum: int) -> RowSample:
+        """The sample of the first per_stratum rows of every stratum (all of a smaller stratum's)."""
+        k = int(np.searchsorted(self.ranks, per_stratum))
+        complete = k == int(self.stratum_sizes.sum())
+        return RowSample(self.rows[:k], self.strata[:k], self.stratum_sizes, complete)
+
+    def rounds(self) -> Iterator[RowSample]:
+        """The growing samples, smallest first; the last one is the largest sampling allows."""
+        return (self.first(m) for m in self.per_stratum)
 
 
 def candidate_types(row_length: int, candidates: Iterable[GGMLQuantizationType]) -> tuple[GGMLQuantizationType, ...]:
@@ -92,24 +139,33 @@ def candidate_types(row_length: int, candidates: Iterable[GGMLQuantizationType])
     return tuple(sorted(fitted, key=lambda t: (QUANT_TYPES[t].bits_per_weight, t.name)))
 
 
-def sample_rows(n_rows: int, sampling: Sampling, tensor_name: str) -> RowSample:
-    """Stratified sample: the rows split into equal contiguous strata, two rows drawn from each.
+def sample_order(n_rows: int, sampling: Sampling, tensor_name: str, n_expert: int = 1) -> SampleOrder:
+    """The nested stratified samples of one tensor: equal contiguous strata, two rows each in the first round.
 
-    Contiguous strata spread the sample over the whole tensor (every expert of
-    a MoE tensor, every part of an embedding); the seed mixes in the tensor's
-    name so that tensors of the same shape do not share row positions.
+    Contiguous strata spread every round over the whole tensor (every part of
+    an embedding; every expert of a MoE tensor, which gets a stratum of its own
+    where rows allow); the seed mixes in the tensor's name so that tensors of
+    the same shape do not share row positions.
     """
-    if sampling.precise or n_rows <= sampling.max_rows:
-        rows = np.arange(n_rows, dtype=np.int64)
-        return RowSample(rows, np.zeros(n_rows, np.int64), np.array([n_rows], np.int64), complete=True)
-    n_strata = max(1, sampling.max_rows // _ROWS_PER_STRATUM)
+    if sampling.precise or n_rows <= sampling.first_rows:
+        everything = np.arange(n_rows, dtype=np.int64)
+        return SampleOrder(everything, np.zeros(n_rows, np.int64), everything, np.array([n_rows], np.int64), (n_rows,))
+    n_strata = min(max(sampling.first_rows // _ROWS_PER_STRATUM, n_expert), n_rows // _ROWS_PER_STRATUM)
     bounds = np.linspace(0, n_rows, n_strata + 1).astype(np.int64)
+    sizes = np.diff(bounds)
+    cap = max(_ROWS_PER_STRATUM, sampling.max_rows // n_strata)
     rng = np.random.default_rng([sampling.seed, zlib.crc32(tensor_name.encode())])
-    picks = [lo + rng.choice(hi - lo, size=_ROWS_PER_STRATUM, replace=False) for lo, hi in pairwise(bounds)]
-    rows = np.concatenate(picks)
-    strata = np.repeat(np.arange(n_strata, dtype=np.int64), _ROWS_PER_STRATUM)
-    order = np.argsort(rows)
-    return RowSample(rows[order], strata[order], np.diff(bounds), complete=False)
+    rows = np.concatenate([lo + rng.permutation(size)[:cap] for lo, size in zip(bounds[:-1], sizes, strict=True)])
+    strata = np.repeat(np.arange(n_strata, dtype=np.int64), np.minimum(sizes, cap))
+    ranks = np.concatenate([np.arange(min(size, cap), dtype=np.int64) for size in sizes])
+    order = np.lexsort((strata, ranks))
+    per_stratum = []
+    m = _ROWS_PER_STRATUM
+    while m < min(cap, int(sizes.max())):
+        per_stratum.append(m)
+        m *= 2
+    per_stratum.append(min(cap, int(sizes.max())))
+    return SampleOrder(rows[order], strata[order], ranks[order], sizes, tuple(per_stratum))
 
 
 def estimate_total(per_row: np.ndarray, sample: RowSample) -> tuple[float, float]:
@@ -130,97 +186,83 @@ def estimate_total(per_row: np.ndarray, sample: RowSample) -> tuple[float, float
 
 @dataclass(frozen=True)
 class TensorRows:
-    """The measured rows of one tensor as float32, with the imatrix weights of each row's expert."""
+    """Some rows of one tensor as float32, with the imatrix weights of each row's expert."""
 
     name: str
     values: np.ndarray  # float32 (n, n_per_row)
     expert_of_row: np.ndarray  # int64 (n,)
     weights: np.ndarray | None  # float32 (n_expert, n_per_row), or None without an imatrix
-    sample: RowSample
     source_type: GGMLQuantizationType
 
 
-def load_rows(tensor: gguf.ReaderTensor, weights: np.ndarray | None, sampling: Sampling) -> TensorRows:
-    """Dequantize the sampled rows of one tensor; memory is those rows as float32.
+def load_rows(tensor: gguf.ReaderTensor, weights: np.ndarray | None, rows: np.ndarray) -> TensorRows:
+    """Dequantize the given rows of one tensor; memory is those rows as float32.
 
     weights: the tensor's imatrix weights, float32 (n_expert, n_per_row) (`Imatrix.weights_for`), or None.
     """
     raw = tensor_rows(tensor)
-    n_expert = expert_count(tensor)
-    sample = sample_rows(raw.shape[0], sampling, tensor.name)
-    picked = raw if sample.complete else raw[sample.rows]
     source_type = GGMLQuantizationType(tensor.tensor_type)
+    picked = raw if rows.size == raw.shape[0] and np.array_equal(rows, np.arange(rows.size)) else raw[rows]
     values = np.ascontiguousarray(rows_to_float(picked, source_type, tensor.name), dtype=np.float32)
-    release_pages(tensor)  # a view of F32 rows faults its pages back in if read again
-    expert_of_row = sample.rows // (raw.shape[0] // n_expert)
-    return TensorRows(tensor.name, values, expert_of_row, weights, sample, source_type)
+    expert_of_row = rows // (raw.shape[0] // expert_count(tensor))
+    return TensorRows(tensor.name, values, expert_of_row, weights, source_type)
 
 
-def energies(rows: TensorRows) -> tuple[float, float]:
-    """(Σ w x², Σ x²) of the whole tensor, estimated from the measured rows: the scale of its signal."""
+def row_energies(rows: TensorRows) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (Σ w x², Σ x²): the scale of the signal its error is compared with."""
     squares = rows.values.astype(np.float64) ** 2
     plain = squares.sum(axis=1)
     weighted = (squares * rows.weights[rows.expert_of_row]).sum(axis=1) if rows.weights is not None else plain
-    return estimate_total(weighted, rows.sample)[0], estimate_total(plain, rows.sample)[0]
+    return weighted, plain
 
 
-def measure_type(
-    rows: TensorRows,
-    qtype: GGMLQuantizationType,
-    total_rows: int,
-    backend: ErrorBackend = BACKENDS[DEFAULT_BACKEND],
-    rounding: str = DEFAULT_ROUNDING,
-) -> Measurement:
-    """The error a round trip through qtype adds to this tensor, estimated from the measured rows.
+def row_errors(
+    rows: TensorRows, qtype: GGMLQuantizationType, backend: ErrorBackend, rounding: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (Σ w(x−x̂)², Σ (x−x̂)²) of a round trip through qtype.
 
     A candidate equal to the source type costs nothing: the write stage copies
     those bytes unchanged, so the error it adds is exactly zero.
     """
-    started = time.perf_counter()
-    n_per_row = rows.values.shape[1]
-    nbytes = total_rows * row_bytes(qtype, n_per_row)
     n = rows.values.shape[0]
     if qtype == rows.source_type:
-        zero = np.zeros(n)
-        weighted, plain = zero, zero
-    else:
-        weighted, plain = np.empty(n), np.empty(n)
-        for expert in np.unique(rows.expert_of_row):
-            mask = rows.expert_of_row == expert
-            values = rows.values if mask.all() else np.ascontiguousarray(rows.values[mask])
-            expert_weights = rows.weights[expert] if rows.weights is not None else None
-            try:
-                weighted[mask], plain[mask] = backend.row_errors(values, qtype, expert_weights, rounding)
-            except ValueError as error:  # NaN or infinite weights in the file: llama-quantize refuses them too
-                raise BpwoptError(f"{rows.name}: cannot quantize to {qtype.name}: {error}") from error
-    return Measurement(
-        tensor=rows.name,
-        qtype=qtype.name,
-        nbytes=nbytes,
-        statistics={
-            "weighted_sse": Estimate(*estimate_total(weighted, rows.sample)),
-            "sse": Estimate(*estimate_total(plain, rows.sample)),
-        },
-        rows_measured=n,
-        rows_total=total_rows,
-        seconds=time.perf_counter() - started,
-    )
+        return np.zeros(n), np.zeros(n)
+    weighted, plain = np.empty(n), np.empty(n)
+    for expert in np.unique(rows.expert_of_row):
+        mask = rows.expert_of_row == expert
+        values = rows.values if mask.all() else np.ascontiguousarray(rows.values[mask])
+        expert_weights = rows.weights[expert] if rows.weights is not None else None
+        try:
+            weighted[mask], plain[mask] = backend.row_errors(values, qtype, expert_weights, rounding)
+        except ValueError as error:  # NaN or infinite weights in the file: llama-quantize refuses them too
+            raise BpwoptError(f"{rows.name}: cannot quantize to {qtype.name}: {error}") from error
+    return weighted, plain
 
 
-def tensor_record(tensor: gguf.ReaderTensor, category: str, rows: TensorRows) -> TensorRecord:
-    """What the state keeps about a measured tensor (its signal energies make errors relative)."""
-    layer = _LAYER.match(tensor.name)
-    weight_energy, plain_energy = energies(rows)
-    return TensorRecord(
-        name=tensor.name,
-        shape=tuple(int(n) for n in tensor.shape),
-        elements=int(tensor.n_elements),
-        source_type=rows.source_type.name,
-        category=category,
-        layer=int(layer.group(1)) if layer else None,
-        weight_energy=weight_energy,
-        plain_energy=plain_energy,
-    )
+@dataclass
+class _Candidate:
+    """One type's per-row errors so far, in the sample order, and what they estimate."""
+
+    qtype: GGMLQuantizationType
+    nbytes: int
+    per_row: dict[str, list[np.ndarray]]  # by statistic: one array per round
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+    rows: int = 0
+    seconds: float = 0.0
+
+    def settled(self, rse: float) -> bool:
+        """Both estimates are within rse of their value (relative standard error), or exact."""
+        return all(e.stderr <= rse * abs(e.value) for e in self.estimates.values())
+
+    def dominated_by(self, other: _Candidate) -> bool:
+        """other is no larger and clearly errs less in both statistics: no plan needs this type's precision."""
+        if other is self or other.nbytes > self.nbytes:
+            return False
+        return all(
+            other.estimates[s].value + DOMINANCE_MARGIN * other.estimates[s].stderr
+            < self.estimates[s].value - DOMINANCE_MARGIN * self.estimates[s].stderr
+            for s in self.estimates
+        )
 
 
 @dataclass(frozen=True)
@@ -246,21 +288,75 @@ class TensorResult:
     tensor: str
     record: TensorRecord | None
     measurements: tuple[Measurement, ...]
+    dominated: tuple[str, ...] = ()  # types whose sample stopped growing because a smaller type errs clearly less
 
 
 def measure_tensor(task: TensorTask) -> TensorResult:
-    """Measure every type of task on one tensor; peak memory is its measured rows as float32."""
+    """Measure every type of task on one tensor, in rounds of a growing row sample.
+
+    Each round reads only the rows it adds and measures only the types not yet
+    settled (precise enough, or dominated); peak memory is one round's rows as float32.
+    """
     tensor = _tensors_of(*_file_key(task.model_path)).get(task.tensor)
     if tensor is None:
         raise BpwoptError(f"{task.model_path} has no tensor {task.tensor}")
-    rows = load_rows(tensor, task.weights, task.sampling)
-    record = tensor_record(tensor, task.category, rows) if task.needs_record else None
-    total_rows = int(tensor.n_elements) // int(tensor.shape[0])
+    n_per_row = int(tensor.shape[0])
+    total_rows = int(tensor.n_elements) // n_per_row
+    order = sample_order(total_rows, task.sampling, task.tensor, expert_count(tensor))
     backend = BACKENDS[task.backend]
+    candidates = [
+        _Candidate(Q[name], total_rows * row_bytes(Q[name], n_per_row), {s: [] for s in STATISTICS})
+        for name in task.types
+    ]
+    energy: dict[str, list[np.ndarray]] = {"weighted": [], "plain": []}
+    pending, dominated, loaded = list(candidates), [], 0
+    for sample in order.rounds():
+        rows = load_rows(tensor, task.weights, sample.rows[loaded:])
+        loaded = sample.rows.size
+        weighted_energy, plain_energy = row_energies(rows)
+        energy["weighted"].append(weighted_energy)
+        energy["plain"].append(plain_energy)
+        for candidate in pending:
+            started = time.perf_counter()
+            weighted, plain = row_errors(rows, candidate.qtype, backend, task.rounding)
+            candidate.per_row["weighted_sse"].append(weighted)
+            candidate.per_row["sse"].append(plain)
+            candidate.estimates = {
+                s: Estimate(*estimate_total(np.concatenate(arrays), sample)) for s, arrays in candidate.per_row.items()
+            }
+            candidate.rows = sample.rows.size
+            candidate.seconds += time.perf_counter() - started
+        beaten = [c for c in pending if any(c.dominated_by(other) for other in candidates)]
+        dominated += [c.qtype.name for c in beaten if not c.settled(task.sampling.rse)]
+        pending = [c for c in pending if c not in beaten and not c.settled(task.sampling.rse)]
+        if not pending:
+            break
+    release_pages(tensor)  # a view of F32 rows faults its pages back in if read again
+    record = None
+    if task.needs_record:
+        energies = {k: estimate_total(np.concatenate(v), sample)[0] for k, v in energy.items()}  # the largest sample
+        record = tensor_record(tensor, task.category, GGMLQuantizationType(tensor.tensor_type), energies)
     measured = tuple(
-        measure_type(rows, GGMLQuantizationType[name], total_rows, backend, task.rounding) for name in task.types
+        Measurement(task.tensor, c.qtype.name, c.nbytes, c.estimates, c.rows, total_rows, c.seconds) for c in candidates
     )
-    return TensorResult(task.tensor, record, measured)
+    return TensorResult(task.tensor, record, measured, tuple(dominated))
+
+
+def tensor_record(
+    tensor: gguf.ReaderTensor, category: str, source_type: GGMLQuantizationType, energies: dict[str, float]
+) -> TensorRecord:
+    """What the state keeps about a measured tensor (its signal energies make errors relative)."""
+    layer = _LAYER.match(tensor.name)
+    return TensorRecord(
+        name=tensor.name,
+        shape=tuple(int(n) for n in tensor.shape),
+        elements=int(tensor.n_elements),
+        source_type=source_type.name,
+        category=category,
+        layer=int(layer.group(1)) if layer else None,
+        weight_energy=energies["weighted"],
+        plain_energy=energies["plain"],
+    )
 
 
 def _file_key(path: str) -> tuple[str, int, int, int]:
