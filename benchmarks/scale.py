@@ -35,7 +35,9 @@ def bpwopt_command(source: Path, output: Path, state: Path, size: int, threads: 
 
 
 def warm_numba(work: Path, threads: int) -> None:
-    command = bpwopt_command(smollm2_path(), work / "warm.gguf", work / "warm.bpw_state", 80_000_000, threads)
+    state = work / "warm.bpw_state"
+    state.unlink(missing_ok=True)  # a state of an older bpwopt's sampling would be refused
+    command = bpwopt_command(smollm2_path(), work / "warm.gguf", state, 80_000_000, threads)
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
 
 

@@ -25,6 +25,7 @@ from bpwopt.measure.measure import (
     Sampling,
     TensorTask,
     candidate_types,
+    estimate_ratio,
     estimate_total,
     measure_tensor,
     measure_tensors,
@@ -74,9 +75,7 @@ def test_first_round_is_stratified_deterministic_and_named():
     assert np.array_equal(first.rows, sample_order(10_000, sampling, "token_embd.weight").first(2).rows)
     assert not np.array_equal(first.rows, sample_order(10_000, sampling, "output.weight").first(2).rows)
     # two rows from each of 32 equal strata: every part of the tensor is represented
-    bounds = np.linspace(0, 10_000, 33).astype(np.int64)
-    stratum_of_row = np.searchsorted(bounds, first.rows, side="right") - 1
-    assert np.array_equal(np.bincount(stratum_of_row, minlength=32), np.full(32, 2))
+    assert np.array_equal(np.bincount(first.rows * 32 // 10_000, minlength=32), np.full(32, 2))
 
 
 def test_rounds_double_and_each_contains_the_last():
@@ -95,10 +94,30 @@ def test_the_last_round_is_every_row_where_the_cap_allows():
     assert np.array_equal(np.sort(samples[-1].rows), np.arange(576))
 
 
-def test_a_moe_tensor_gets_a_stratum_per_expert():
-    order = sample_order(128 * 8, Sampling(), "blk.0.ffn_down_exps.weight", n_expert=128)
+def test_strata_follow_the_rows_energies_and_a_heavy_row_stands_alone():
+    # one row with 90 % of the energy is measured in every round; the others share 31 strata of equal energy
+    energy = np.random.default_rng(0).gamma(2.0, 1.0, 5000)
+    energy[1234] = 9 * energy.sum()
+    order = sample_order(5000, Sampling(), "t", energy)
     first = order.first(2)
-    assert first.rows.size == 256 and np.array_equal(np.bincount(first.rows // 8, minlength=128), np.full(128, 2))
+    assert 1234 in first.rows and first.rows.size == 63
+    heavy_stratum = first.strata[first.rows == 1234][0]
+    assert order.stratum_sizes[heavy_stratum] == 1
+    assert all(1234 in sample.rows for sample in order.rounds())
+    # equal shares of energy: the strata of light rows hold many more rows than those of heavy ones
+    light = np.delete(order.stratum_sizes, heavy_stratum)
+    assert light[0] > 3 * light[-1] and light.sum() == 4999
+
+
+def test_an_outlier_row_is_not_missed():
+    # the ratio over a sample that missed a row holding most of the energy would be far off; here it is exact
+    energy = np.ones(1000)
+    energy[7] = 1000.0
+    errors = 0.01 * energy
+    errors[7] = 0.0  # the heavy row errs nothing (it sets its blocks' scales)
+    for sample in sample_order(1000, Sampling(), "t", energy).rounds():
+        estimate = estimate_ratio(errors[sample.rows], energy[sample.rows], sample)
+        assert estimate.value == pytest.approx(errors.sum() / energy.sum(), rel=1e-9)
 
 
 def test_precise_measures_every_row():
@@ -260,10 +279,11 @@ def test_a_registered_backend_computes_the_errors(demo_model_path, monkeypatch):
             return np.full(rows.shape[0], 2.0), np.full(rows.shape[0], 1.0)
 
     monkeypatch.setitem(backends.BACKENDS, "counting", Counting())
-    task = _task(demo_model_path, "blk.0.ffn_down.weight", ("Q4_0", "Q8_0"), backend="counting")
+    task = _task(demo_model_path, "blk.0.ffn_down.weight", ("Q4_0", "Q8_0"), backend="counting",
+                 sampling=Sampling(precise=True))  # fmt: skip
     result = measure_tensor(task)
     assert calls == [("Q4_0", "ggml"), ("Q8_0", "ggml")]
-    # 2 per measured row, scaled up to the tensor's 576 rows by the stratified estimate
+    # 2 per row, over the tensor's 576 rows
     assert [m.value("weighted_sse") for m in result.measurements] == pytest.approx([2.0 * 576] * 2)
 
 

@@ -556,7 +556,8 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--candidates", metavar="T1,T2,...", help="as measured into the state (default: bpwopt's)")
     tuning.add_argument("--sample-rows", type=int, default=Sampling.max_rows, metavar="N",
                         help="as measured into the state")  # fmt: skip
-    tuning.add_argument("--sample-rse", type=float, default=Sampling.rse, metavar="X", help="as measured into the state")
+    tuning.add_argument("--sample-rse", type=float, default=Sampling.rse, metavar="X",
+                        help="as measured into the state")  # fmt: skip
     tuning.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULT_ROUNDING, help="as measured into the state")
     _add_run_options(tuning)
     tuning.set_defaults(run=_tune)

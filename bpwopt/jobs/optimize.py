@@ -371,9 +371,10 @@ def _open_state(job: OptimizeJob, identity: StateIdentity) -> Iterator[StateFile
         with StateFile.open(path, identity) as state:
             yield state
         return
-    with tempfile.TemporaryDirectory(prefix="bpwopt-") as directory, StateFile.open(
-        Path(directory) / "run.bpw_state", identity
-    ) as state:
+    with (
+        tempfile.TemporaryDirectory(prefix="bpwopt-") as directory,
+        StateFile.open(Path(directory) / "run.bpw_state", identity) as state,
+    ):
         yield state
 
 
@@ -530,9 +531,7 @@ def _chosen_tensors(problem: Problem, choice: np.ndarray, source: SourceModel) -
     )
 
 
-def _comparisons(
-    policy: PolicyPlan, problem: Problem, job: OptimizeJob, budget: int
-) -> tuple[PresetComparison, ...]:
+def _comparisons(policy: PolicyPlan, problem: Problem, job: OptimizeJob, budget: int) -> tuple[PresetComparison, ...]:
     """The recipe (with a TYPE) or the presets nearest the budget, each against bpwopt at its size.
 
     Nearest the budget, not the plan's size: a plan can land well under its

@@ -5,9 +5,12 @@ stage uses, with the tensor's imatrix exactly as the final quantization will
 use it; the fused kernel returns per-row Σ w(x−x̂)² and Σ (x−x̂)², which sum to
 the tensor's error. Rows are what is sampled, not blocks: llama.cpp's imatrix
 quantizers weigh each block by its row's mean square, so a block's bytes
-depend on its whole row. A tensor's sample is stratified and seeded and grows
-in rounds (64 rows, then 128, ...): a candidate stops once the relative
-standard error of both its sums is below `Sampling.rse`, or once a no larger
+depend on its whole row. What is estimated is each error sum relative to the
+tensor's signal (`estimate_ratio`), the quantity the objectives compare, and
+far steadier than the sum itself where row scales vary; it is stored times
+the record's energy. A tensor's sample is stratified and seeded and grows in
+rounds (64 rows, then 128, ...): a candidate stops once the relative
+standard error of both its ratios is below `Sampling.rse`, or once a no larger
 type clearly errs less (it cannot be on the tensor's front, so no plan needs
 its precision), or at `Sampling.max_rows`; `--precise` measures every row.
 The standard error of each estimate is kept beside it. One tensor is one task
@@ -139,33 +142,48 @@ def candidate_types(row_length: int, candidates: Iterable[GGMLQuantizationType])
     return tuple(sorted(fitted, key=lambda t: (QUANT_TYPES[t].bits_per_weight, t.name)))
 
 
-def sample_order(n_rows: int, sampling: Sampling, tensor_name: str, n_expert: int = 1) -> SampleOrder:
-    """The nested stratified samples of one tensor: equal contiguous strata, two rows each in the first round.
+def sample_order(n_rows: int, sampling: Sampling, tensor_name: str, row_size: np.ndarray | None = None) -> SampleOrder:
+    """The nested stratified samples of one tensor, two rows per stratum in the first round.
 
-    Contiguous strata spread every round over the whole tensor (every part of
-    an embedding; every expert of a MoE tensor, which gets a stratum of its own
-    where rows allow); the seed mixes in the tensor's name so that tensors of
-    the same shape do not share row positions.
+    Strata are contiguous runs of rows in the order of row_size (their
+    energies), cut so that each holds an equal share of the total: the few
+    rows that carry much of a tensor's signal (an outlier channel's rows) fall
+    in strata of their own and are measured whole, where a uniform sample
+    would miss them and be confidently wrong. Without row_size the strata are
+    equal runs of rows in file order. The seed mixes in the tensor's name so
+    that tensors of the same shape do not share row positions.
     """
     if sampling.precise or n_rows <= sampling.first_rows:
         everything = np.arange(n_rows, dtype=np.int64)
         return SampleOrder(everything, np.zeros(n_rows, np.int64), everything, np.array([n_rows], np.int64), (n_rows,))
-    n_strata = min(max(sampling.first_rows // _ROWS_PER_STRATUM, n_expert), n_rows // _ROWS_PER_STRATUM)
-    bounds = np.linspace(0, n_rows, n_strata + 1).astype(np.int64)
-    sizes = np.diff(bounds)
-    cap = max(_ROWS_PER_STRATUM, sampling.max_rows // n_strata)
+    n_strata = min(sampling.first_rows, n_rows) // _ROWS_PER_STRATUM
+    by_size = np.arange(n_rows, dtype=np.int64)
+    if row_size is not None and row_size.sum() > 0:
+        by_size = np.argsort(row_size, kind="stable")
+        sizes = row_size[by_size]
+        alone = sizes >= sizes.sum() / n_strata  # a row of a whole stratum's share is a stratum of its own
+        light = np.flatnonzero(~alone)
+        shared = max(1, n_strata - int(alone.sum()))
+        before = np.cumsum(sizes[light]) - sizes[light]  # each row's start in the cumulated energy of the rest
+        stratum = np.empty(n_rows, np.int64)
+        stratum[light] = np.minimum((shared * before / max(sizes[light].sum(), 1e-300)).astype(np.int64), shared - 1)
+        stratum[alone] = shared + np.arange(int(alone.sum()))
+    else:
+        stratum = np.arange(n_rows, dtype=np.int64) * n_strata // n_rows
+    stratum = np.unique(stratum, return_inverse=True)[1].astype(np.int64)  # ids skipped by a wide row: renumber
+    sizes = np.bincount(stratum)
+    cap = max(_ROWS_PER_STRATUM, sampling.max_rows // sizes.size)
     rng = np.random.default_rng([sampling.seed, zlib.crc32(tensor_name.encode())])
-    rows = np.concatenate([lo + rng.permutation(size)[:cap] for lo, size in zip(bounds[:-1], sizes, strict=True)])
-    strata = np.repeat(np.arange(n_strata, dtype=np.int64), np.minimum(sizes, cap))
-    ranks = np.concatenate([np.arange(min(size, cap), dtype=np.int64) for size in sizes])
-    order = np.lexsort((strata, ranks))
-    per_stratum = []
-    m = _ROWS_PER_STRATUM
-    while m < min(cap, int(sizes.max())):
-        per_stratum.append(m)
-        m *= 2
+    ranks = np.empty(n_rows, np.int64)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    for start, size in zip(starts, sizes, strict=True):
+        ranks[start : start + size] = rng.permutation(size)
+    kept = ranks < cap
+    order = np.lexsort((stratum[kept], ranks[kept]))
+    per_stratum = [m for m in (_ROWS_PER_STRATUM << k for k in range(64)) if m < min(cap, int(sizes.max()))]
     per_stratum.append(min(cap, int(sizes.max())))
-    return SampleOrder(rows[order], strata[order], ranks[order], sizes, tuple(per_stratum))
+    rows, strata, rank = by_size[kept][order], stratum[kept][order], ranks[kept][order]
+    return SampleOrder(rows, strata, rank, sizes, tuple(per_stratum))
 
 
 def estimate_total(per_row: np.ndarray, sample: RowSample) -> tuple[float, float]:
@@ -177,7 +195,8 @@ def estimate_total(per_row: np.ndarray, sample: RowSample) -> tuple[float, float
     sums = np.bincount(sample.strata, weights=per_row, minlength=n_strata)
     means = sums / counts
     squares = np.bincount(sample.strata, weights=(per_row - means[sample.strata]) ** 2, minlength=n_strata)
-    variances = squares / (counts - 1)
+    # a stratum of one row is measured whole (its term is exact); every other has at least two rows sampled
+    variances = np.divide(squares, counts - 1, out=np.zeros(n_strata), where=counts > 1)
     sizes = sample.stratum_sizes.astype(np.float64)
     total = float((sizes * means).sum())
     variance = float((sizes**2 * (1 - counts / sizes) * variances / counts).sum())
@@ -216,6 +235,23 @@ def row_energies(rows: TensorRows) -> tuple[np.ndarray, np.ndarray]:
     return weighted, plain
 
 
+def all_row_energies(tensor: gguf.ReaderTensor, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (Σ w x², Σ x²) of every row of the tensor, read in pieces of about 16 MB of float32.
+
+    Cheap next to quantizing (one pass of squares), and what makes a small
+    sample trustworthy: the strata follow the energies, and the record holds
+    the exact totals the measured ratios are scaled by.
+    """
+    n_per_row = int(tensor.shape[0])
+    n_rows = int(tensor.n_elements) // n_per_row
+    weighted, plain = np.empty(n_rows), np.empty(n_rows)
+    step = max(1, (1 << 22) // n_per_row)
+    for start in range(0, n_rows, step):
+        stop = min(n_rows, start + step)
+        weighted[start:stop], plain[start:stop] = row_energies(load_rows(tensor, weights, np.arange(start, stop)))
+    return weighted, plain
+
+
 def row_errors(
     rows: TensorRows, qtype: GGMLQuantizationType, backend: ErrorBackend, rounding: str
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -239,29 +275,48 @@ def row_errors(
     return weighted, plain
 
 
+def estimate_ratio(per_row: np.ndarray, energy: np.ndarray, sample: RowSample) -> Estimate:
+    """Stratified ratio estimate of Σ per_row / Σ energy over all rows, and its standard error.
+
+    Errors scale with their row's energy (a row twice as large errs four times
+    as much), so the ratio is far steadier than either sum where row scales
+    vary; it is what the objectives compare (an error relative to its tensor's
+    signal). Its standard error linearizes the residuals per_row − r·energy.
+    """
+    errors, energies = estimate_total(per_row, sample)[0], estimate_total(energy, sample)[0]
+    if energies == 0:  # rows of zeros: nothing to be relative to, and nothing to err on
+        return Estimate(0.0, 0.0)
+    ratio = errors / energies
+    return Estimate(ratio, estimate_total(per_row - ratio * energy, sample)[1] / energies)
+
+
+# The signal each error statistic is relative to: the tensor's weighted or plain energy.
+_ENERGY_OF = {"weighted_sse": "weighted", "sse": "plain"}
+
+
 @dataclass
 class _Candidate:
-    """One type's per-row errors so far, in the sample order, and what they estimate."""
+    """One type's per-row errors so far, in the sample order, and their ratios to the rows' energies."""
 
     qtype: GGMLQuantizationType
     nbytes: int
     per_row: dict[str, list[np.ndarray]]  # by statistic: one array per round
-    estimates: dict[str, Estimate] = field(default_factory=dict)
+    ratios: dict[str, Estimate] = field(default_factory=dict)  # by statistic: error over energy
     rows: int = 0
     seconds: float = 0.0
 
     def settled(self, rse: float) -> bool:
-        """Both estimates are within rse of their value (relative standard error), or exact."""
-        return all(e.stderr <= rse * abs(e.value) for e in self.estimates.values())
+        """Both ratios are within rse of their value (relative standard error), or exact."""
+        return all(e.stderr <= rse * abs(e.value) for e in self.ratios.values())
 
     def dominated_by(self, other: _Candidate) -> bool:
         """other is no larger and clearly errs less in both statistics: no plan needs this type's precision."""
         if other is self or other.nbytes > self.nbytes:
             return False
         return all(
-            other.estimates[s].value + DOMINANCE_MARGIN * other.estimates[s].stderr
-            < self.estimates[s].value - DOMINANCE_MARGIN * self.estimates[s].stderr
-            for s in self.estimates
+            other.ratios[s].value + DOMINANCE_MARGIN * other.ratios[s].stderr
+            < self.ratios[s].value - DOMINANCE_MARGIN * self.ratios[s].stderr
+            for s in self.ratios
         )
 
 
@@ -302,28 +357,29 @@ def measure_tensor(task: TensorTask) -> TensorResult:
         raise BpwoptError(f"{task.model_path} has no tensor {task.tensor}")
     n_per_row = int(tensor.shape[0])
     total_rows = int(tensor.n_elements) // n_per_row
-    order = sample_order(total_rows, task.sampling, task.tensor, expert_count(tensor))
+    energy = dict(zip(("weighted", "plain"), all_row_energies(tensor, task.weights), strict=True))
+    totals = {key: float(per_row.sum()) for key, per_row in energy.items()}
+    # a row's share of the weighted energy plus its share of the plain one: heavy in either, it stands alone
+    row_size = sum((energy[key] / totals[key] for key in energy if totals[key] > 0), np.zeros(total_rows))
+    order = sample_order(total_rows, task.sampling, task.tensor, row_size)
     backend = BACKENDS[task.backend]
     candidates = [
         _Candidate(Q[name], total_rows * row_bytes(Q[name], n_per_row), {s: [] for s in STATISTICS})
         for name in task.types
     ]
-    energy: dict[str, list[np.ndarray]] = {"weighted": [], "plain": []}
     pending, dominated, loaded = list(candidates), [], 0
     for sample in order.rounds():
         rows = load_rows(tensor, task.weights, sample.rows[loaded:])
         loaded = sample.rows.size
-        weighted_energy, plain_energy = row_energies(rows)
-        energy["weighted"].append(weighted_energy)
-        energy["plain"].append(plain_energy)
         for candidate in pending:
             started = time.perf_counter()
-            weighted, plain = row_errors(rows, candidate.qtype, backend, task.rounding)
-            candidate.per_row["weighted_sse"].append(weighted)
-            candidate.per_row["sse"].append(plain)
-            candidate.estimates = {
-                s: Estimate(*estimate_total(np.concatenate(arrays), sample)) for s, arrays in candidate.per_row.items()
-            }
+            for statistic, per_row in zip(STATISTICS, row_errors(rows, candidate.qtype, backend, task.rounding),
+                                          strict=True):  # fmt: skip
+                candidate.per_row[statistic].append(per_row)
+                sampled_energy = energy[_ENERGY_OF[statistic]][sample.rows]
+                candidate.ratios[statistic] = estimate_ratio(
+                    np.concatenate(candidate.per_row[statistic]), sampled_energy, sample
+                )
             candidate.rows = sample.rows.size
             candidate.seconds += time.perf_counter() - started
         beaten = [c for c in pending if any(c.dominated_by(other) for other in candidates)]
@@ -332,14 +388,24 @@ def measure_tensor(task: TensorTask) -> TensorResult:
         if not pending:
             break
     release_pages(tensor)  # a view of F32 rows faults its pages back in if read again
-    record = None
-    if task.needs_record:
-        energies = {k: estimate_total(np.concatenate(v), sample)[0] for k, v in energy.items()}  # the largest sample
-        record = tensor_record(tensor, task.category, GGMLQuantizationType(tensor.tensor_type), energies)
+    source_type = GGMLQuantizationType(tensor.tensor_type)
+    record = tensor_record(tensor, task.category, source_type, totals) if task.needs_record else None
     measured = tuple(
-        Measurement(task.tensor, c.qtype.name, c.nbytes, c.estimates, c.rows, total_rows, c.seconds) for c in candidates
+        Measurement(task.tensor, c.qtype.name, c.nbytes, _totals(c.ratios, totals), c.rows, total_rows, c.seconds)
+        for c in candidates
     )
     return TensorResult(task.tensor, record, measured, tuple(dominated))
+
+
+def _totals(ratios: dict[str, Estimate], energies: dict[str, float]) -> dict[str, Estimate]:
+    """Whole-tensor error sums from their ratios: each ratio times the energy the record keeps.
+
+    So an objective that divides by the record's energy sees exactly the ratio
+    measured; where every row was measured it is the exact sum.
+    """
+    return {
+        s: Estimate(e.value * energies[_ENERGY_OF[s]], e.stderr * energies[_ENERGY_OF[s]]) for s, e in ratios.items()
+    }
 
 
 def tensor_record(
