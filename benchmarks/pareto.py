@@ -21,11 +21,10 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 import numba
-from quality import MODELS
+from quality import MODELS, off_grid_base
 
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.measure.records import Measurement
-from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quant.types import QUANT_TYPES, get_quant_type
 from bpwopt.solve.targets import Target
 from bpwopt.state.store import StateFile, read_identity
@@ -71,11 +70,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         numba.set_num_threads(args.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    source, imatrix_path = MODELS[args.model]
-    base = args.work / f"{args.model}-offgrid-f16.gguf"
-    if not base.exists():
-        make_off_grid(source(), base)
+    base, imatrix_path = off_grid_base(args.model, args.work)
     imatrix = imatrix_path if args.imatrix == "yes" else None
     state_path = args.work / f"{args.model}-{'imat' if imatrix else 'plain'}-every-type.bpw_state"
     job = OptimizeJob(input_path=base, output_path=None, target=Target(bits_per_weight=8.0), imatrix_path=imatrix,

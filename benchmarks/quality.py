@@ -58,6 +58,18 @@ MODELS = {  # name -> (source GGUF, imatrix of its off-grid base from scripts/ma
     "smollm2": (smollm2_path, REPO / "data" / "smollm2-135m-offgrid-f16.imatrix.gguf"),
     "gemma3": (gemma3_path, REPO / "data" / "gemma3-270m-offgrid-f16.imatrix.gguf"),
 }
+
+
+def off_grid_base(model: str, work: Path) -> tuple[Path, Path]:
+    """The model's off-grid F16 base in work (made there on first use) and the path of that base's imatrix."""
+    work.mkdir(parents=True, exist_ok=True)
+    source, imatrix_path = MODELS[model]
+    base = work / f"{model}-offgrid-f16.gguf"
+    if not base.exists():
+        make_off_grid(source(), base)
+    return base, imatrix_path
+
+
 PRESETS = ["Q2_K", "Q3_K_S", "Q3_K_M", "IQ4_XS", "Q4_K_S", "Q4_K_M", "Q5_K_S", "Q5_K_M", "Q6_K"]
 METHODS = ["wsse", "relative", "per-weight", "calibrated", "checked", "sensitivity", "tuned"]
 DEFAULT_METHODS = ["per-weight", "calibrated", "checked"]
@@ -92,11 +104,7 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="bpwopt-quality-"))
-    work.mkdir(parents=True, exist_ok=True)
-    source, imatrix_path = MODELS[args.model]
-    base = work / f"{args.model}-offgrid-f16.gguf"
-    if not base.exists():
-        make_off_grid(source(), base)
+    base, imatrix_path = off_grid_base(args.model, work)
     imatrix = imatrix_path if args.imatrix == "yes" else None
     label = "imat" if imatrix else "plain"
     if not args.out.exists():

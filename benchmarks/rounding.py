@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numba
 import numpy as np
-from quality import MODELS
+from quality import MODELS, off_grid_base
 
 from bpwopt.formats.gguf_reader import open_gguf
 from bpwopt.formats.imatrix import load_imatrix
@@ -29,7 +29,6 @@ from bpwopt.jobs.quantize import QuantizeJob, quantize_file
 from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.quality.evaluate import evaluate
 from bpwopt.quality.guarantee import paired_difference
-from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.quant import codec
 from bpwopt.quant.kernels import best_rounding, best_rounding_super
@@ -55,11 +54,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    source, imatrix_path = MODELS[args.model]
-    base = args.work / f"{args.model}-offgrid-f16.gguf"
-    if not base.exists():
-        make_off_grid(source(), base)
+    base, imatrix_path = off_grid_base(args.model, args.work)
     imatrices = {flag: imatrix_path if flag == "yes" else None for flag in args.imatrix}
     with args.out.open("a") as out:
         if "errors" in args.part:

@@ -21,13 +21,12 @@ import argparse
 from dataclasses import replace
 from pathlib import Path
 
-from quality import MODELS, PRESETS, quantize_preset
+from quality import MODELS, PRESETS, off_grid_base, quantize_preset
 
 from bpwopt.jobs.optimize import OptimizeJob, OptimizeReport, optimize_file
 from bpwopt.measure.measure import Sampling
 from bpwopt.quality.evaluate import evaluate
 from bpwopt.quality.guarantee import paired_difference
-from bpwopt.quality.testbed import make_off_grid
 from bpwopt.quality.texts import evaluation_text
 from bpwopt.solve.problem import tensor_options
 from bpwopt.solve.targets import Target
@@ -50,11 +49,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
-    args.work.mkdir(parents=True, exist_ok=True)
-    source, imatrix_path = MODELS[args.model]
-    base = args.work / f"{args.model}-offgrid-f16.gguf"
-    if not base.exists():
-        make_off_grid(source(), base)
+    base, imatrix_path = off_grid_base(args.model, args.work)
     imatrix = imatrix_path if args.imatrix == "yes" else None
     label = f"{args.model}-{'imat' if imatrix else 'plain'}"
     samplings = {"precise": Sampling(precise=True)}

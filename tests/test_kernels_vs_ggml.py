@@ -74,6 +74,20 @@ def test_bytes_equal_ggml(name, with_imatrix, kind):
     assert_same_as_ggml(x, name, imatrix)
 
 
+@pytest.mark.parametrize("name", ["IQ4_NL", "IQ4_XS"])
+@pytest.mark.parametrize("with_imatrix", [False, True])
+def test_iq4_levels_at_their_ties_and_ends_equal_ggml(name, with_imatrix):
+    """Blocks whose extreme is the lowest level, so the first scale maps x onto the levels as is:
+    every element sits on a level, halfway between two (a tie) or beyond the ends."""
+    levels = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.float32)
+    values = np.concatenate([levels, (levels[:-1] + levels[1:]) / 2, [-126.5, 112.5, 113, 120], levels + 0.25])
+    rng = np.random.default_rng(7)
+    x = rng.choice(values, size=(8, 512)).astype(np.float32)
+    x[:, ::32] = -127  # every block's extreme is −127 itself (values stay within ±127)
+    imatrix = make_imatrix(512) if with_imatrix else None
+    assert_same_as_ggml(x, name, imatrix)
+
+
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "IQ4_NL"])
 @pytest.mark.parametrize("n_per_row", [32, 576])
 def test_block32_types_on_rows_that_are_not_a_multiple_of_256(name, n_per_row):

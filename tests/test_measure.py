@@ -172,7 +172,7 @@ def _tensor(reader, name):
 
 def _task(model_path, name: str, types: tuple[str, ...], weights=None, **changes) -> TensorTask:
     fields = dict(model_path=str(model_path), tensor=name, category="ffn_down", types=types, weights=weights,
-                  sampling=Sampling(max_rows=64), needs_record=True, elements=1536 * 576)  # fmt: skip
+                  sampling=Sampling(max_rows=64), needs_record=True, work=1536 * 576)  # fmt: skip
     return TensorTask(**{**fields, **changes})
 
 

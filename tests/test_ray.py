@@ -130,7 +130,7 @@ def test_the_cli_measures_on_the_cluster_given_by_ray(cluster, demo_model_path, 
 
 def test_a_tasks_error_comes_back_as_the_task_raised_it(cluster, demo_model_path):
     task = TensorTask(model_path=str(demo_model_path), tensor="blk.99.no_such.weight", category="other",
-                      types=("Q8_0",), weights=None, sampling=Sampling(), needs_record=True, elements=1)  # fmt: skip
+                      types=("Q8_0",), weights=None, sampling=Sampling(), needs_record=True, work=1)  # fmt: skip
     with pytest.raises(BpwoptError) as raised:
         list(RayExecutor(cluster).map(measure_tensor, [task]))
     assert str(raised.value) == f"{demo_model_path} has no tensor blk.99.no_such.weight"

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFValueType
+from gguf import GGMLQuantizationType, GGUFValueType, ReaderTensor
 
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.gguf_writer import padded_size
@@ -407,7 +407,7 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
                 weights=weights,
                 sampling=job.sampling,
                 needs_record=needs_record,
-                elements=int(tensor.n_elements),
+                work=_measuring_work(tensor, len(missing), job.sampling),
                 rounding=job.rounding,
             )
 
@@ -420,11 +420,17 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
             "give a --state-file that can be written"
         )
     reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
-    total = sum(int(by_name[plan.source_name].n_elements) * max(1, len(missing)) for plan, missing, _ in pending)
+    total = sum(_measuring_work(by_name[plan.source_name], len(missing), job.sampling) for plan, missing, _ in pending)
     executor = RayExecutor(job.ray_address) if job.ray_address else None
     dominated = []
     measure_tensors(tasks(), lambda result: _store(state, result, dominated), executor, job.progress, total)
     return measured, reused, len(dominated)
+
+
+def _measuring_work(tensor: ReaderTensor, types: int, sampling: Sampling) -> int:
+    """Weights quantized at most to measure types on tensor: a sampled tensor costs its sample, not its size."""
+    n_per_row = int(tensor.shape[0])
+    return n_per_row * sampling.most_rows(int(tensor.n_elements) // n_per_row) * max(1, types)
 
 
 def _store(state: StateFile, result: TensorResult, dominated: list[str]) -> None:

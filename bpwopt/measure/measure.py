@@ -87,6 +87,10 @@ class Sampling:
         """Rows of the first round: start_rows, but never more than the cap."""
         return max(2, min(self.start_rows, self.max_rows))
 
+    def most_rows(self, n_rows: int) -> int:
+        """The most rows of a tensor's n_rows that are measured: what its measuring time scales with."""
+        return n_rows if self.precise else min(n_rows, self.max_rows)
+
     def describe(self) -> str:
         """Canonical text for the state's identity: measurements are reusable only under equal sampling."""
         if self.precise:
@@ -331,7 +335,7 @@ class TensorTask:
     weights: np.ndarray | None  # its imatrix weights, float32 (n_expert, n_per_row); None without an imatrix
     sampling: Sampling
     needs_record: bool  # the state has no TensorRecord of it yet
-    elements: int  # its number of weights, so a driver can weigh progress
+    work: int  # weights quantized at most: row length × Sampling.most_rows × types, so a driver can weigh progress
     backend: str = DEFAULT_BACKEND  # a name in BACKENDS
     rounding: str = DEFAULT_ROUNDING  # the quantizers measured: a name in bpwopt.quant.types.ROUNDINGS
 
@@ -371,14 +375,14 @@ def measure_tensor(task: TensorTask) -> TensorResult:
     for sample in order.rounds():
         rows = load_rows(tensor, task.weights, sample.rows[loaded:])
         loaded = sample.rows.size
+        sampled_energy = {key: per_row[sample.rows] for key, per_row in energy.items()}
         for candidate in pending:
             started = time.perf_counter()
             for statistic, per_row in zip(STATISTICS, row_errors(rows, candidate.qtype, backend, task.rounding),
                                           strict=True):  # fmt: skip
                 candidate.per_row[statistic].append(per_row)
-                sampled_energy = energy[_ENERGY_OF[statistic]][sample.rows]
                 candidate.ratios[statistic] = estimate_ratio(
-                    np.concatenate(candidate.per_row[statistic]), sampled_energy, sample
+                    np.concatenate(candidate.per_row[statistic]), sampled_energy[_ENERGY_OF[statistic]], sample
                 )
             candidate.rows = sample.rows.size
             candidate.seconds += time.perf_counter() - started
@@ -447,13 +451,13 @@ def measure_tensors(
     """Run every task on executor (in this process by default), handing each result over as it arrives.
 
     tasks may be a generator, so that only the tasks in flight hold their imatrix weights; total is
-    their Σ elements × types, for the progress bar, whose ETA then weighs big tensors and slow types fairly.
+    their Σ work, for the progress bar, whose ETA then weighs big tensors and long type lists fairly.
     """
     sizes: dict[str, int] = {}
 
     def announced() -> Iterator[TensorTask]:
         for task in tasks:
-            sizes[task.tensor] = task.elements * max(1, len(task.types))
+            sizes[task.tensor] = task.work
             yield task
 
     with tqdm(total=total, unit="w", unit_scale=True, desc="measuring", disable=not progress or total == 0) as bar:

@@ -28,7 +28,7 @@ from bpwopt.quant.kernels.numerics import (
     sum_of_squares,
 )
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.quant.kernels.scale_search import best_index_int8, signed_max
+from bpwopt.quant.kernels.scale_search import signed_max
 
 KVALUES_IQ4NL = np.array(
     [-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], dtype=np.int8
@@ -36,6 +36,10 @@ KVALUES_IQ4NL = np.array(
 # The same levels as float32: int8 → float is exact, and the hot loops then skip the conversion.
 _LEVELS = KVALUES_IQ4NL.astype(np.float32)
 _LOWEST_LEVEL = int(KVALUES_IQ4NL[0])
+_HIGHEST_FLOOR = int(KVALUES_IQ4NL[-1]) - 1
+# For each integer k from the lowest level up to the highest's floor, the last level ≤ k. The levels
+# are integers, so the last level ≤ x is the last level ≤ floor(x): a lookup replaces the search.
+_LEVEL_BELOW = np.searchsorted(KVALUES_IQ4NL, np.arange(_LOWEST_LEVEL, _HIGHEST_FLOOR + 1), side="right") - 1
 
 BLOCK, _NL_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_NL]
 SUPER_BLOCK, _XS_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.IQ4_XS]
@@ -50,7 +54,16 @@ _NTRY = 7  # scale candidates on each side of the first guess, as ggml_quantize_
 
 @njit(cache=True)
 def _nearest_level(value):
-    return best_index_int8(_LEVELS, value)
+    """ggml's best_index_int8 over the levels without its branchy binary search, to the same index.
+
+    floor(value) is clamped into the table: below the lowest level the comparison
+    then picks level 0, above the highest level (or NaN, as in the search) 15.
+    """
+    k = np.floor(value)
+    k = k if k < F32(_HIGHEST_FLOOR) else F32(_HIGHEST_FLOOR)  # NaN fails the test: the top
+    k = k if k > F32(_LOWEST_LEVEL) else F32(_LOWEST_LEVEL)
+    below = _LEVEL_BELOW[np.int64(k) - _LOWEST_LEVEL]
+    return below if value - _LEVELS[below] < _LEVELS[below + 1] - value else below + 1
 
 
 @njit(cache=True)
@@ -65,20 +78,24 @@ def _block_weights(block, block_imatrix, sigma2, weight):
 
 
 @njit(cache=True)
-def _weighted_sums(block, weight, inverse_scale):
-    """Σ w·q·x and Σ w·q² when every element takes the level nearest to x·inverse_scale."""
+def _weighted_sums(block, weight, inverse_scale, level):
+    """Σ w·q·x and Σ w·q² when every element takes the level nearest to x·inverse_scale.
+
+    The levels are found in a pass of their own, which vectorizes; the sums keep ggml's order.
+    """
+    for j in range(block.size):
+        level[j] = _LEVELS[_nearest_level(inverse_scale * block[j])]
     sumqx = ZERO
     sumq2 = ZERO
     for j in range(block.size):
-        q = _LEVELS[_nearest_level(inverse_scale * block[j])]
         w = weight[j]
-        sumqx += w * q * block[j]
-        sumq2 += w * q * q
+        sumqx += w * level[j] * block[j]
+        sumq2 += w * level[j] * level[j]
     return sumqx, sumq2
 
 
 @njit(cache=True)
-def _block_scale(block, weight):
+def _block_scale(block, weight, level):
     """Scale of one block: the least-squares scale of the best of 16 level assignments.
 
     The first assignment maps the extreme element to the most negative level;
@@ -89,12 +106,12 @@ def _block_scale(block, weight):
     max_value, amax = signed_max(block)
     if amax < GROUP_MAX_EPS:
         return ZERO
-    sumqx, sumq2 = _weighted_sums(block, weight, ONE / (-max_value / _LEVELS[0]))
+    sumqx, sumq2 = _weighted_sums(block, weight, ONE / (-max_value / _LEVELS[0]), level)
     d = sumqx / sumq2 if sumq2 > ZERO else ZERO
     best = d * sumqx
     for step in range(-_NTRY, _NTRY + 1):
         inverse_scale = F32(step + _LOWEST_LEVEL) / max_value
-        sumqx, sumq2 = _weighted_sums(block, weight, inverse_scale)
+        sumqx, sumq2 = _weighted_sums(block, weight, inverse_scale, level)
         if sumq2 > ZERO and sumqx * sumqx > best * sumq2:
             d = sumqx / sumq2
             best = d * sumqx
@@ -148,7 +165,7 @@ def store_levels(block, scale, out, offset):
 
 
 @njit(cache=True)
-def _quantize_super_block(x, imatrix, out, offset, scales, weight):
+def _quantize_super_block(x, imatrix, out, offset, scales, weight, level):
     """ggml's quantize_row_iq4_nl_impl for one super-block (one IQ4_NL block, or one IQ4_XS block).
 
     σ² = 2·mean(x²) over the super-block enters the imatrix weights. A
@@ -161,7 +178,7 @@ def _quantize_super_block(x, imatrix, out, offset, scales, weight):
         start = ib * BLOCK
         block = x[start:start + BLOCK]
         _block_weights(block, imatrix[start:start + BLOCK], sigma2, weight)
-        scales[ib] = _block_scale(block, weight)
+        scales[ib] = _block_scale(block, weight, level)
     if n_blocks > 1:
         _store_block_multipliers(scales, out, offset)
         levels_offset = offset + XS_QS
@@ -178,6 +195,7 @@ def _quantize_iq4_row(x, imatrix, out, super_block, block_bytes):
     """Both types' row kernel: the scratch is allocated once per row, not per super-block."""
     scales = np.empty(super_block // BLOCK, dtype=np.float32)
     weight = np.empty(BLOCK, dtype=np.float32)
+    level = np.empty(BLOCK, dtype=np.float32)
     for sb in range(x.size // super_block):
         start = sb * super_block
         _quantize_super_block(
@@ -187,6 +205,7 @@ def _quantize_iq4_row(x, imatrix, out, super_block, block_bytes):
             sb * block_bytes,
             scales,
             weight,
+            level,
         )
 
 

@@ -342,25 +342,6 @@ def make_qp_quants(nmax, x, L, weights):
     return sumlx / suml2 if suml2 > ZERO else ZERO
 
 
-@njit(cache=True)
-def best_index_int8(values, x):
-    """Index of the entry of the sorted int8 table `values` nearest to x (ggml's best_index_int8)."""
-    n = values.size
-    if x <= F32(values[0]):
-        return 0
-    if x >= F32(values[n - 1]):
-        return n - 1
-    lo = 0
-    hi = n - 1
-    while hi - lo > 1:
-        mid = (lo + hi) // 2
-        if x < F32(values[mid]):
-            hi = mid
-        else:
-            lo = mid
-    return lo if x - F32(values[lo]) < F32(values[hi]) - x else hi
-
-
 def scratch_levels(n: int, signed: bool) -> np.ndarray:
     """A level buffer of the C code's element type (int8 or uint8)."""
     return np.zeros(n, dtype=np.int8 if signed else np.uint8)
