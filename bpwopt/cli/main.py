@@ -54,6 +54,7 @@ from bpwopt.quality.tune import DEFAULT_CTX as TUNE_CTX
 from bpwopt.quality.tune import DEFAULT_TRIALS, tune
 from bpwopt.quality.tune import format_report as format_tune_report
 from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, ROUNDINGS
+from bpwopt.serve.server import DEFAULT_PORT, serve
 from bpwopt.solve.objective import DEFAULT_GROUPING, DEFAULT_OBJECTIVE, GROUPINGS, OBJECTIVES
 from bpwopt.solve.targets import Target, parse_size
 from bpwopt.source.summary import format_summary, inspect_gguf, summary_as_dict
@@ -62,7 +63,7 @@ OBJECTIVE_HELP = (
     f"what the solver minimizes (default: relative once `bpwopt calibrate` stored group weights, else "
     f"{DEFAULT_OBJECTIVE})"
 )
-SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune")
+SUBCOMMANDS = ("inspect", "eval", "plot", "calibrate", "tune", "serve")
 DEBUG_VARIABLE = "BPWOPT_DEBUG"
 EXIT_INTERNAL_ERROR = 70  # EX_SOFTWARE: a bug of bpwopt's, not the user's
 ROUNDING_HELP = (
@@ -105,6 +106,10 @@ def _evaluate(args: argparse.Namespace) -> None:
         f"p99 {result.p99_kld:.6f}, max {result.max_kld:.4f}; same top token {100 * result.same_top_rate:.2f} %; "
         f"PPL {result.ppl_quant:.4f} (base {result.ppl_base:.4f}); {result.tokens} tokens, {result.seconds:.1f} s"
     )
+
+
+def _serve(args: argparse.Namespace) -> None:
+    serve(args.host, args.port, args.root or [Path.cwd()])
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -561,6 +566,19 @@ def build_parser() -> argparse.ArgumentParser:
     tuning.add_argument("--rounding", choices=ROUNDINGS, default=DEFAULT_ROUNDING, help="as measured into the state")
     _add_run_options(tuning)
     tuning.set_defaults(run=_tune)
+    serving = commands.add_parser(
+        "serve",
+        help="a local web service: a JSON API over the models and state files under --root folders",
+        description="Serve the models (GGUF files) and state files under the --root folders: list them, a state's "
+        "trade-off curve, and the plan for any budget from a state alone (what --dry-run --json prints), at "
+        "http://HOST:PORT/api/…, documented at /docs. On any address but loopback every request needs the token "
+        "printed at start. No path outside the roots is read.",
+    )
+    serving.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    serving.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
+    serving.add_argument("--root", type=Path, action="append", metavar="DIR",
+                         help="a folder whose models and states are served; repeat for more (default: .)")  # fmt: skip
+    serving.set_defaults(run=_serve)
     for command in commands.choices.values():
         command.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     return parser

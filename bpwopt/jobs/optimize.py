@@ -92,6 +92,7 @@ class OptimizeJob:
     ignore_importance: bool = False  # --ignore-tensor-importance: no stored per-group weights or tuned factors
     tuning: dict[str, float] | None = None  # class and depth factors (bpwopt.quality.tune's trials); None: the state's
     record_plan: bool = True  # store the plan in the state (a tuning trial's plans are not kept)
+    measure_missing: bool = True  # False: a pair the state lacks is an error (a plan from the state alone)
     compare_presets: bool = False  # solve again at the nearest presets' sizes, for the report (the CLI's)
     time_limit: float = 10.0  # seconds for the exact (MILP) stage
     dry_run: bool = False
@@ -412,13 +413,14 @@ def _measure(policy: PolicyPlan, state: StateFile, job: OptimizeJob) -> tuple[in
             )
 
     measured = sum(len(missing) for _, missing, _ in pending)
-    if pending and state.read_only:
+    if pending and (state.read_only or not job.measure_missing):
         plan, missing, _ = pending[0]
-        raise BpwoptError(
-            f"state file {state.path} is read-only and lacks {max(measured, 1)} measurement(s) this run needs "
-            f"(first: {plan.source_name}{' as ' + missing[0] if missing else ''}); "
-            "give a --state-file that can be written"
-        )
+        lacks = f"lacks {max(measured, 1)} measurement(s) this run needs"
+        first = f"(first: {plan.source_name}{' as ' + missing[0] if missing else ''})"
+        if state.read_only:
+            raise BpwoptError(f"state file {state.path} is read-only and {lacks} {first}; "
+                              "give a --state-file that can be written")  # fmt: skip
+        raise BpwoptError(f"state file {state.path} {lacks} {first}; measure the model first")
     reused = sum(len(policy.types_of[plan.source_name]) for plan in policy.varied) - measured
     total = sum(_measuring_work(by_name[plan.source_name], len(missing), job.sampling) for plan, missing, _ in pending)
     executor = RayExecutor(job.ray_address) if job.ray_address else None
