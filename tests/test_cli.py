@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import json
 
 import pytest
 
@@ -90,3 +91,27 @@ def test_a_users_mistake_stays_a_one_line_error_without_a_saved_traceback(monkey
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("bpwopt: error:")
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_size_list_writes_a_ladder_from_one_measurement(tmp_path, capsys):
+    from tests.synthetic_models import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny.gguf")
+    whole = model.stat().st_size
+    sizes = [whole * 20 // 100, whole * 40 // 100]  # F16 in: about Q3 and Q6 sizes
+    argv = ["--quiet", "--json", "--sample-rows", "64", "--target-size", f"{sizes[0]},{sizes[1]}",
+            str(model), str(tmp_path / "out.gguf")]  # fmt: skip
+    assert main(argv) == 0
+    summaries = json.loads(capsys.readouterr().out)
+    assert [s["output_path"] for s in summaries] == [str(tmp_path / f"out-{size}.gguf") for size in sizes]
+    assert [s["file_bytes"] for s in summaries] == [(tmp_path / f"out-{size}.gguf").stat().st_size for size in sizes]
+    assert all(s["file_bytes"] <= size for s, size in zip(summaries, sizes, strict=True))
+    assert summaries[0]["measured"] > 0 and summaries[1]["measured"] == 0  # the second rung reuses the first's
+    assert summaries[1]["reused"] == summaries[0]["measured"]
+
+
+def test_a_ladder_with_keep_split_is_refused(tmp_path, capsys):
+    argv = ["--keep-split", "--target-size", "1mb,2mb", str(tmp_path / "in.gguf"), str(tmp_path / "out.gguf")]
+    assert main(argv) == 1
+    message = "bpwopt: error: --keep-split writes one model's shards; give one --target-size with it"
+    assert capsys.readouterr().err.strip() == message

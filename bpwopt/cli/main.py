@@ -13,9 +13,13 @@ import argparse
 import json
 import math
 import os
+import re
 import signal
 import sys
+import tempfile
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -250,7 +254,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     target = parser.add_argument_group("optimizer (bpwopt's own)", _TARGET_HELP)
     add = target.add_argument
     add("--target-bpw", type=float, metavar="X", help="at most X bits per weight (tensor data / elements)")
-    add("--target-size", metavar="SIZE", help="at most SIZE for the whole file: 1.5gb, 1500MB, 800MiB, 2G, bytes")
+    add("--target-size", metavar="SIZE", help="at most SIZE for the whole file: 1.5gb, 1500MB, 800MiB, 2G, bytes; "
+        "a list (2gb,3gb,4gb) writes one file per size, OUT-2gb.gguf …, from one measurement")
     add("--save-state", action="store_true", help="keep measurements in state/<model>-<hash>-mse.bpw_state")
     add("--state-file", metavar="FILE", type=Path, help="load measurements from and save them to FILE")
     add("--candidates", metavar="T1,T2,...", help="candidate types (default: " + ",".join(_DEFAULT_NAMES) + ")")
@@ -366,13 +371,52 @@ def parse_candidates(text: str | None) -> tuple[GGMLQuantizationType, ...]:
 
 
 def _target_from_args(args: argparse.Namespace) -> Target | None:
+    """The (first) budget; a --target-size list is a ladder, whose other rungs `_ladder` makes."""
     if args.target_bpw is None and args.target_size is None:
         return None
     if args.target_bpw is not None and args.target_size is not None:
         raise BpwoptError("give only one of --target-bpw and --target-size")
     if args.target_size is not None:
-        return Target(file_bytes=parse_size(args.target_size))
+        return Target(file_bytes=parse_size(_ladder_sizes(args.target_size)[0]))
     return Target(bits_per_weight=args.target_bpw)
+
+
+def _ladder_sizes(text: str) -> list[str]:
+    """--target-size 2gb,3gb,4gb: the sizes as given, each once."""
+    sizes = list(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+    if not sizes:
+        raise BpwoptError(f"invalid --target-size {text!r}: expected a size such as 1.5gb, or several: 2gb,3gb")
+    return sizes
+
+
+@contextmanager
+def _ladder(job: OptimizeJob, args: argparse.Namespace) -> Iterator[list[OptimizeJob]]:
+    """One job per size of a --target-size list, all measured into one state (a throwaway one if none was named).
+
+    Each rung's file is OUT with the size as given appended to its name (OUT-2gb.gguf), or llama-quantize's
+    default name for that size beside IN. A single size is the job itself.
+    """
+    sizes = _ladder_sizes(args.target_size) if args.target_size is not None else []
+    if len(sizes) < 2:
+        yield [job]
+        return
+    if job.options.keep_split:
+        raise BpwoptError("--keep-split writes one model's shards; give one --target-size with it")
+    with tempfile.TemporaryDirectory(prefix="bpwopt-ladder-") as scratch:
+        state_path = job.state_path
+        if state_path is None and not job.save_state:
+            state_path = Path(scratch) / "ladder.bpw_state"
+        rungs = []
+        for size in sizes:
+            target = Target(file_bytes=parse_size(size))
+            output = None
+            if job.output_path is not None:
+                label = re.sub(r"[^\w.]+", "_", size)
+                output = job.output_path.with_name(f"{job.output_path.stem}-{label}{job.output_path.suffix}")
+            elif not job.dry_run:
+                output = default_output_path(job.input_path, target.file_label())
+            rungs.append(replace(job, target=target, output_path=output, state_path=state_path))
+        yield rungs
 
 
 def _job_from_args(args: argparse.Namespace) -> QuantizeJob | OptimizeJob:
@@ -422,7 +466,10 @@ def _quantize(args: argparse.Namespace) -> None:
     job = _job_from_args(args)
     _set_threads(args.threads or parse_positionals(args.positionals, has_target=isinstance(job, OptimizeJob)).threads)
     if isinstance(job, OptimizeJob):
-        _optimize(job, args)
+        with _ladder(job, args) as rungs:
+            summaries = [_optimize(rung, args) for rung in rungs]
+        if args.json:
+            print(json.dumps(summaries[0] if len(summaries) == 1 else summaries, indent=2))
         return
     report = quantize_file(job)
     log = sys.stderr
@@ -437,7 +484,8 @@ def _quantize(args: argparse.Namespace) -> None:
         print(f"bpwopt: wrote {describe_written(report.output_path, report.shards, report.file_bytes)}", file=log)
 
 
-def _optimize(job: OptimizeJob, args: argparse.Namespace) -> None:
+def _optimize(job: OptimizeJob, args: argparse.Namespace) -> dict | None:
+    """Solve (and write) one job; with --json its summary is returned instead of the plan printed."""
     checked = None
     if wants_check(args.check, job):
         output = job.output_path or default_output_path(job.input_path, job.target.file_label())
@@ -452,11 +500,11 @@ def _optimize(job: OptimizeJob, args: argparse.Namespace) -> None:
                 "kept": checked.chosen, "candidates": [vars(c) for c in checked.candidates],
                 "difference": checked.difference, "difference_stderr": checked.difference_stderr,
             }  # fmt: skip
-        print(json.dumps(summary, indent=2))
-        return
+        return summary
     print(format_plan(report, per_tensor=job.dry_run), file=sys.stdout if job.dry_run else sys.stderr)
     if checked is not None:
         print(format_check(checked), file=sys.stderr)
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
