@@ -10,12 +10,18 @@ as a 4xx with one line in `detail`.
 
 from __future__ import annotations
 
+import json
 import math
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from importlib import resources
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
@@ -25,9 +31,13 @@ from bpwopt.jobs.report import report_as_dict
 from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.quality.plots import MarkedPoint, read_plot_data
 from bpwopt.serve.access import COOKIE, token_matches
-from bpwopt.serve.roots import PathRefusedError, Roots, file_id
+from bpwopt.serve.jobs import Job, JobRunner
+from bpwopt.serve.roots import STATE_SUFFIX, PathRefusedError, Roots, file_id
 from bpwopt.solve.targets import Target, parse_size
 from bpwopt.state.store import StateFile, read_identity
+
+STATIC = Path(__file__).parent / "static"
+FRONT_POINTS = 200  # budgets traced for the page's curve, whose control snaps to them
 
 
 class ModelFile(BaseModel):
@@ -68,12 +78,41 @@ class Front(BaseModel):
     note: str
 
 
+class JobRequest(BaseModel):
+    """A background job: write files for sizes (a ladder), measure into a state, or evaluate a file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["write", "measure", "evaluate"]
+    model: str = Field(description="the model to quantize, or for evaluate the base it is compared with")
+    imatrix: str | None = None
+    state: str | None = Field(default=None, description="a state's id or a path under the roots (made if missing); "
+                              "default: MODEL.bpw_state beside the model (evaluate: none)")  # fmt: skip
+    target_sizes: list[str] = Field(default=[], max_length=64, description="one file per size, e.g. ['1gb', '2gb']")
+    target_bpw: float | None = Field(default=None, gt=0, le=32)
+    output: str | None = Field(default=None, description="write: OUT under the roots, the size appended to its "
+                               "name; default: MODEL-bpwopt-SIZE.gguf beside the model")  # fmt: skip
+    quant: str | None = Field(default=None, description="evaluate: the quantized file")
+    chunks: int | None = Field(default=None, ge=1, le=10_000, description="evaluate: windows of the text")
+    allow_requantize: bool = False
+    threads: int | None = Field(default=None, ge=1, le=1024)
+
+    @model_validator(mode="after")
+    def fits_its_kind(self) -> JobRequest:
+        if self.kind == "evaluate":
+            if self.quant is None:
+                raise ValueError("an evaluate job needs quant, the quantized file")
+        elif bool(self.target_sizes) == (self.target_bpw is not None):
+            raise ValueError("give exactly one of target_sizes and target_bpw")
+        return self
+
+
 class PlanRequest(BaseModel):
     """A budget to solve from a state alone: nothing is measured, nothing is written or stored."""
 
     model_config = ConfigDict(extra="forbid")
 
-    state: str = Field(description="a state's id from GET /api/states")
+    state: str = Field(description="a state's id from GET /api/states, or its path under the roots")
     model: str = Field(description="the model the state measured, a path under the roots")
     imatrix: str | None = Field(default=None, description="its imatrix, if the state was measured with one")
     target_size: str | None = Field(default=None, description="whole file size, e.g. 80MB or 1.5gb")
@@ -110,7 +149,15 @@ class TokenCheck(BaseHTTPMiddleware):
 
 def create_app(roots: Roots, token: str | None = None) -> FastAPI:
     """The API over the files under roots; with token, every request must carry it."""
-    app = FastAPI(title="bpwopt", summary="Per-tensor quantization types for a GGUF model under a budget")
+    runner = JobRunner()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        runner.stop_all()  # a job's state keeps what it measured; the same job resumes from it
+
+    app = FastAPI(title="bpwopt", summary="Per-tensor quantization types for a GGUF model under a budget",
+                  lifespan=lifespan)  # fmt: skip
     if token is not None:
         app.add_middleware(TokenCheck, token=token)
 
@@ -118,11 +165,78 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
     async def one_line(_: Request, error: BpwoptError) -> JSONResponse:
         return JSONResponse({"detail": str(error)}, status_code=404 if isinstance(error, PathRefusedError) else 400)
 
-    def state_path(state_id: str) -> Path:
+    def state_path(state: str, create: bool = False) -> Path:
+        """A state by its id, or by its path under the roots (one to be made where create is set)."""
         for path in roots.states():
-            if file_id(path) == state_id:
+            if state in (file_id(path), roots.relative(path)):
                 return path
-        raise HTTPException(404, f"no state {state_id} under the server's folders (GET /api/states lists them)")
+        if create and state.endswith(STATE_SUFFIX):
+            return roots.inside(state, must_exist=False)
+        raise HTTPException(404, f"no state {state} under the server's folders (GET /api/states lists them)")
+
+    def job_or_404(job_id: str) -> Job:
+        job = runner.get(job_id)
+        if job is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return job
+
+    @app.post("/api/jobs", status_code=202)
+    def submit(request: JobRequest) -> dict:
+        """Start a job; it runs after the jobs already queued on its state. Follow it at /api/jobs/{id}/events."""
+        model = roots.inside(request.model)
+        if request.kind == "evaluate":
+            argv = ["eval", str(model), str(roots.inside(request.quant)), "--json"]
+            argv += ["--chunks", str(request.chunks)] if request.chunks else []
+            argv += ["--threads", str(request.threads)] if request.threads else []
+            state = state_path(request.state) if request.state else None
+            argv += ["--state-file", str(state)] if state else []
+            return runner.submit(request.kind, argv, state).view()
+        state = state_path(request.state, create=True) if request.state else model.with_suffix(STATE_SUFFIX)
+        argv = ["--state-file", str(state)] + (["--allow-requantize"] if request.allow_requantize else [])
+        argv += ["--imatrix", str(roots.inside(request.imatrix))] if request.imatrix else []
+        if request.target_sizes:
+            sizes = [str(parse_size(size)) for size in request.target_sizes]  # a bad size is a 400 now, not later
+            argv += ["--target-size", ",".join(request.target_sizes if len(sizes) > 1 else sizes)]
+        else:
+            argv += ["--target-bpw", repr(request.target_bpw)]
+        argv.append(str(model))
+        if request.kind == "measure":
+            argv.append("--dry-run")
+        else:
+            argv.append(str(_output(roots, request, model)))
+        argv += [str(request.threads)] if request.threads else []
+        return runner.submit(request.kind, argv, state).view()
+
+    @app.get("/api/jobs")
+    def jobs() -> list[dict]:
+        """Every job since the server started, oldest first."""
+        return [job.view() for job in runner.all()]
+
+    @app.get("/api/jobs/{job_id}")
+    def job(job_id: str) -> dict:
+        return job_or_404(job_id).view()
+
+    @app.get("/api/jobs/{job_id}/events")
+    def events(job_id: str) -> StreamingResponse:
+        """Server-sent events: the job's view at each change, until it is done, failed or stopped."""
+        views = runner.views(job_or_404(job_id))
+        stream = (f"data: {json.dumps(view)}\n\n" for view in views)
+        return StreamingResponse(stream, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.get("/static/plotly.min.js", include_in_schema=False)
+    def plotly_bundle() -> FileResponse:
+        """plotly's own bundle, from the plotly package the serve extra installs: the page loads nothing remote."""
+        try:
+            bundle = resources.files("plotly") / "package_data" / "plotly.min.js"
+        except ModuleNotFoundError:
+            raise HTTPException(404, "the page's charts need plotly: pip install 'bpwopt[serve]'") from None
+        return FileResponse(str(bundle), media_type="text/javascript")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/api/models")
     def models() -> list[ModelFile]:
@@ -147,8 +261,12 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
 
     @app.get("/api/states/{state_id}/front")
     def front(state_id: str, model: Annotated[str | None, Query(description="its model, for presets")] = None) -> Front:
-        """The trade-off curve of a state under its objective, its stored plans and (with model) the presets."""
-        data = read_plot_data(state_path(state_id), roots.inside(model) if model else None)
+        """The trade-off curve of a state under its objective, its stored plans and (with model) the presets.
+
+        Traced with the solver's fast (Lagrangian) plans; POST /api/plans solves one budget exactly.
+        """
+        data = read_plot_data(state_path(state_id), roots.inside(model) if model else None, points=FRONT_POINTS,
+                              exact=False)  # fmt: skip
         if data.tradeoff is None:
             raise HTTPException(409, "; ".join(data.skipped))
         curve = data.tradeoff
@@ -178,6 +296,17 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
         return report_as_dict(optimize_file(job))
 
     return app
+
+
+def _output(roots: Roots, request: JobRequest, model: Path) -> Path:
+    """OUT for a write job: as asked, or MODEL-bpwopt.gguf; one size's name gets the size as a ladder's would."""
+    output = roots.inside(request.output, must_exist=False) if request.output else None
+    if output is None:
+        output = model.with_name(f"{model.stem}-bpwopt.gguf")
+    if len(request.target_sizes) == 1:
+        label = re.sub(r"[^\w.]+", "_", request.target_sizes[0])
+        output = output.with_name(f"{output.stem}-{label}{output.suffix}")
+    return output
 
 
 def _counts(path: Path, identity) -> dict[str, int | None]:

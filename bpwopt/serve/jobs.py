@@ -10,9 +10,11 @@ the state's own one-line refusal. Progress is read from the child's progress bar
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -21,7 +23,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 _BAR = re.compile(r"^(?P<stage>[a-z]+):\s+(?P<percent>\d+)%\|")  # tqdm: "measuring:  21%|██▏  | 4.99G/23.5G …"
-_WROTE = re.compile(r"^bpwopt: wrote (?P<path>.+?) \((?P<bytes>[\d,]+) bytes(?:, (?P<shards>\d+) files)?\)")
+# "wrote OUT (N bytes) in 3.8 s" or "wrote 3 shards, OUT-00001-of-00003.gguf first (N bytes in all) in …"
+_WROTE = re.compile(r"^bpwopt: wrote (?:\d+ shards, )?(?P<path>.+?)(?: first)? \((?P<bytes>[\d,]+) bytes")
 _ERROR = "bpwopt: error: "
 STATUSES = ("queued", "running", "done", "failed", "stopped")
 
@@ -38,9 +41,11 @@ class Job:
     stage: str = ""  # the progress bar's stage: "measuring", "writing", …
     percent: int = 0
     written: list[dict] = field(default_factory=list)  # {"path", "bytes"} of each file written
+    result: object = None  # what the command printed as JSON on stdout (an evaluation's metrics)
     log: list[str] = field(default_factory=list)  # the child's own lines (bpwopt: …), progress bars left out
     error: str | None = None
     created: float = field(default_factory=time.time)
+    started: float | None = None  # when it left its state's queue
     finished: float | None = None
 
     def view(self) -> dict:
@@ -109,18 +114,21 @@ class JobRunner:
 
     def _run(self, job: Job, queue: threading.Lock) -> None:
         with queue:
-            self._update(job, status="running")
-            child = subprocess.Popen([*self._program, *job.argv], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, bufsize=1)  # fmt: skip
-            self._children[job.id] = child
-            try:
-                for line in _lines(child.stderr):
-                    self._read(job, line)
-                status = child.wait()
-            finally:
-                self._children.pop(job.id, None)
+            self._update(job, status="running", started=time.time())
+            with tempfile.TemporaryFile("w+") as stdout:
+                child = subprocess.Popen([*self._program, *job.argv], stdin=subprocess.DEVNULL, stdout=stdout,
+                                         stderr=subprocess.PIPE, text=True)  # fmt: skip
+                self._children[job.id] = child
+                try:
+                    for line in _lines(child.stderr):
+                        self._read(job, line)
+                    status = child.wait()
+                finally:
+                    self._children.pop(job.id, None)
+                stdout.seek(0)
+                printed = stdout.read()
         if status == 0:
-            self._update(job, status="done", percent=100, finished=time.time())
+            self._update(job, status="done", percent=100, result=_json_or_none(printed), finished=time.time())
         else:
             stopped = status < 0 or status >= 128
             error = job.error or (job.log[-1] if job.log else f"bpwopt exited with status {status}")
@@ -141,6 +149,13 @@ class JobRunner:
         if line.startswith(_ERROR):
             changes["error"] = line[len(_ERROR):]
         self._update(job, **changes)
+
+
+def _json_or_none(text: str) -> object:
+    try:
+        return json.loads(text) if text.strip() else None
+    except json.JSONDecodeError:
+        return None
 
 
 def _lines(stream) -> Iterator[str]:
