@@ -180,23 +180,175 @@ def test_serve_refuses_a_root_that_is_not_a_folder(tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines() == [expected]
 
 
-def test_the_server_answers_over_http(root):
+@pytest.fixture(scope="module")
+def server(root):
+    """`bpwopt serve` itself (uvicorn) on a free port over the served folder; its address."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "bpwopt.cli", "serve", "--port", str(port), "--root", str(root)],
-                              stderr=subprocess.PIPE, text=True)  # fmt: skip
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                response = httpx.get(f"http://127.0.0.1:{port}/api/states", timeout=5)
-                break
-            except httpx.ConnectError:
-                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read()
-                time.sleep(0.2)
-        assert [s["path"] for s in response.json()] == ["demo.bpw_state"]
-        assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=5).json()["info"]["title"] == "bpwopt"
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    child = subprocess.Popen([sys.executable, "-m", "bpwopt.cli", "serve", "--port", str(port), "--root", str(root)],
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    address = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            httpx.get(f"{address}/api/models", timeout=5)
+            break
+        except httpx.ConnectError:
+            assert child.poll() is None and time.monotonic() < deadline, child.stderr.read()
+            time.sleep(0.2)
+    yield address
+    child.terminate()
+    child.wait(timeout=30)
+
+
+def test_the_server_answers_over_http(server):
+    assert "demo.bpw_state" in [s["path"] for s in httpx.get(f"{server}/api/states", timeout=5).json()]
+    assert httpx.get(f"{server}/openapi.json", timeout=5).json()["info"]["title"] == "bpwopt"
+    page = httpx.get(f"{server}/", timeout=5)
+    assert page.status_code == 200 and '<script src="/static/plotly.min.js">' in page.text
+    assert httpx.get(f"{server}/static/plotly.min.js", timeout=5).text.startswith("/**")
+
+
+
+def finished(client, job: dict, timeout: float = 300) -> dict:
+    deadline = time.monotonic() + timeout
+    while job["status"] in ("queued", "running"):
+        assert time.monotonic() < deadline, job
+        time.sleep(0.2)
+        job = client.get(f"/api/jobs/{job['id']}").json()
+    return job
+
+
+def submit(client, **body) -> dict:
+    response = client.post("/api/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()
+
+
+def test_a_write_job_writes_the_file_and_says_where(client, root, state_id):
+    job = finished(client, submit(client, kind="write", model="models/demo.gguf", state=state_id,
+                                  target_sizes=["75MB"], allow_requantize=True))  # fmt: skip
+    written = root / "models" / "demo-bpwopt-75MB.gguf"
+    assert job["status"] == "done", job
+    assert job["written"] == [{"path": str(written), "bytes": written.stat().st_size}]
+    assert written.stat().st_size <= 75_000_000 and written.read_bytes()[:4] == b"GGUF"
+    assert any("reused" in line for line in job["log"])  # measured before: nothing measured again
+    assert job["command"].startswith("bpwopt --state-file ")
+
+
+def test_a_ladder_job_writes_one_file_per_size(client, root, state_id):
+    job = finished(client, submit(client, kind="write", model="models/demo.gguf", state=state_id,
+                                  target_sizes=["70MB", "80MB"], allow_requantize=True))  # fmt: skip
+    assert job["status"] == "done", job
+    expected = [str(root / "models" / f"demo-bpwopt-{size}.gguf") for size in ("70MB", "80MB")]
+    assert [w["path"] for w in job["written"]] == expected
+
+
+def test_jobs_on_one_state_run_one_after_the_other(client, state_id):
+    body = dict(kind="measure", model="models/demo.gguf", state=state_id, target_bpw=4.5, allow_requantize=True)
+    first, second = submit(client, **body), submit(client, **body)
+    first, second = finished(client, first), finished(client, second)
+    assert first["status"] == second["status"] == "done"
+    assert second["started"] >= first["finished"]
+    assert [job["id"] for job in client.get("/api/jobs").json()][-2:] == [first["id"], second["id"]]
+
+
+def test_the_event_stream_follows_a_job_to_its_end(client, state_id):
+    job = submit(client, kind="write", model="models/demo.gguf", state=state_id, target_sizes=["72MB"],
+                 allow_requantize=True)  # fmt: skip
+    views = []
+    with client.stream("GET", f"/api/jobs/{job['id']}/events") as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        views = [json.loads(line[len("data: "):]) for line in stream.iter_lines() if line.startswith("data: ")]
+    assert views[-1]["status"] == "done" and views[-1]["written"]
+    writing = [v["percent"] for v in views if v["stage"] == "writing" and v["status"] == "running"]
+    assert writing == sorted(writing)
+
+
+def test_a_job_that_fails_says_why_in_one_line(client, state_id):
+    job = finished(client, submit(client, kind="write", model="models/demo.gguf", state=state_id,
+                                  target_sizes=["1MB"], allow_requantize=True))  # fmt: skip
+    assert job["status"] == "failed"
+    assert "below" in job["error"] and "\n" not in job["error"]
+
+
+def test_an_evaluate_job_returns_the_kld(client, root):
+    quant = next((root / "models").glob("demo-bpwopt-*.gguf"), None) or pytest.fail("no written file to evaluate")
+    job = finished(client, submit(client, kind="evaluate", model="models/demo.gguf",
+                                  quant=str(quant.relative_to(root)), chunks=1))  # fmt: skip
+    assert job["status"] == "done", job
+    assert job["result"]["mean_kld"] > 0
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"kind": "write", "model": "models/demo.gguf"}, 422),
+        ({"kind": "write", "model": "models/demo.gguf", "target_sizes": ["1MB"], "target_bpw": 4.0}, 422),
+        ({"kind": "evaluate", "model": "models/demo.gguf"}, 422),
+        ({"kind": "delete", "model": "models/demo.gguf", "target_bpw": 4.0}, 422),
+        ({"kind": "write", "model": "models/demo.gguf", "target_sizes": ["big"]}, 400),
+        ({"kind": "write", "model": "models/demo.gguf", "target_bpw": 4.0, "output": "../out.gguf"}, 404),
+        ({"kind": "write", "model": "models/missing.gguf", "target_bpw": 4.0}, 404),
+        ({"kind": "write", "model": "models/demo.gguf", "target_bpw": 4.0, "state": "../s.bpw_state"}, 404),
+    ],
+)
+def test_a_bad_job_request_is_refused_before_anything_runs(client, body, status):
+    before = len(client.get("/api/jobs").json())
+    assert client.post("/api/jobs", json=body).status_code == status
+    assert len(client.get("/api/jobs").json()) == before
+    assert client.get("/api/jobs/nosuchjob").status_code == 404
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """Debian's chromium, headless, driven through Debian's chromedriver (.ci/run installs both)."""
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = shutil.which("chromium") or pytest.fail("chromium is not installed (see .ci/run)")
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1400,1000"):
+        options.add_argument(argument)
+    driver_path = shutil.which("chromedriver") or pytest.fail("chromedriver is not installed (see .ci/run)")
+    driver = webdriver.Chrome(service=Service(driver_path), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_the_page_shows_the_plan_dry_run_json_gives_and_writes_it(browser, server, root, capsys):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    wait = WebDriverWait(browser, 60)
+    browser.get(f"{server}/")
+    wait.until(lambda page: page.find_element(By.ID, "plan").get_attribute("data-types"))
+    shown_at = browser.find_element(By.ID, "bpw-value").get_attribute("data-bpw")
+    slider = browser.find_element(By.ID, "bpw")
+    for _ in range(12):  # twelve points of the curve down
+        slider.send_keys(Keys.ARROW_LEFT)
+    bpw = browser.find_element(By.ID, "bpw-value").get_attribute("data-bpw")
+    assert float(bpw) < float(shown_at)
+    asked = json.dumps({"target_bpw": float(bpw)}, separators=(",", ":"))
+    wait.until(lambda page: page.find_element(By.ID, "plan").get_attribute("data-target") == asked)
+    shown = browser.find_element(By.ID, "plan")
+    argv = ["--allow-requantize", "--dry-run", "--json", "--state-file", str(root / "demo.bpw_state"),
+            "--target-bpw", bpw, str(root / "models" / "demo.gguf")]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    expected = json.loads(capsys.readouterr().out)
+    assert json.loads(shown.get_attribute("data-types")) == {t["name"]: t["qtype"] for t in expected["tensors"]}
+    file_bytes = int(browser.find_element(By.ID, "plan-file").get_attribute("data-file-bytes"))
+    assert file_bytes == expected["file_bytes"]
+    assert browser.find_element(By.ID, "plan-file").text.startswith(f"{file_bytes:,} bytes")
+    if os.environ.get("BPWOPT_SCREENSHOT"):  # the README's picture: BPWOPT_SCREENSHOT=docs/serve.png pytest -k page
+        browser.save_screenshot(os.environ["BPWOPT_SCREENSHOT"])
+
+    browser.find_element(By.ID, "write").click()
+    done = wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#jobs li[data-status=done]"))
+    written = root / "models" / f"demo-bpwopt-{float(bpw):.4f}bpw.gguf"
+    assert done[0].find_element(By.CLASS_NAME, "written").text == f"wrote {written} ({file_bytes:,} bytes)"
+    assert written.stat().st_size == file_bytes
+    assert browser.get_log("browser") == []  # no script error, no failed request

@@ -299,14 +299,14 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
 
 
 def _output(roots: Roots, request: JobRequest, model: Path) -> Path:
-    """OUT for a write job: as asked, or MODEL-bpwopt.gguf; one size's name gets the size as a ladder's would."""
-    output = roots.inside(request.output, must_exist=False) if request.output else None
-    if output is None:
-        output = model.with_name(f"{model.stem}-bpwopt.gguf")
-    if len(request.target_sizes) == 1:
-        label = re.sub(r"[^\w.]+", "_", request.target_sizes[0])
-        output = output.with_name(f"{output.stem}-{label}{output.suffix}")
-    return output
+    """OUT for a write job: as asked, or MODEL-bpwopt.gguf, with the budget in its name as a ladder's rungs have it
+    (MODEL-bpwopt-80MB.gguf, MODEL-bpwopt-4.9828bpw.gguf); a ladder's names are the command's to make."""
+    default = model.with_name(f"{model.stem}-bpwopt.gguf")
+    output = roots.inside(request.output, must_exist=False) if request.output else default
+    if len(request.target_sizes) > 1:
+        return output
+    label = re.sub(r"[^\w.]+", "_", request.target_sizes[0]) if request.target_sizes else f"{request.target_bpw:.4f}bpw"
+    return output.with_name(f"{output.stem}-{label}{output.suffix}")
 
 
 def _counts(path: Path, identity) -> dict[str, int | None]:

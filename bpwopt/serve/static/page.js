@@ -131,6 +131,7 @@ function showPlan(milliseconds) {
   $("plan-types").textContent = Object.entries(counts).sort((a, b) => b[1] - a[1]).map(([q, n]) => `${n} ${q}`).join(", ");
   $("plan").dataset.types = JSON.stringify(Object.fromEntries(plan.tensors.map((t) => [t.name, t.qtype])));
   $("plan").dataset.replanMs = String(Math.round(milliseconds));
+  $("plan").dataset.target = JSON.stringify(target);
   $("presets").tBodies[0].replaceChildren(...plan.comparisons.map((c) => {
     const row = document.createElement("tr");
     [c.name, c.bits_per_weight.toFixed(4), c.predicted_error.toPrecision(4),
