@@ -352,3 +352,10 @@ def test_the_page_shows_the_plan_dry_run_json_gives_and_writes_it(browser, serve
     assert done[0].find_element(By.CLASS_NAME, "written").text == f"wrote {written} ({file_bytes:,} bytes)"
     assert written.stat().st_size == file_bytes
     assert browser.get_log("browser") == []  # no script error, no failed request
+
+
+def test_a_plan_without_the_preset_comparisons_is_the_same_plan(client, state_id):
+    full = client.post("/api/plans", json=plan_body(state_id, target_size="78MB")).json()
+    quick = client.post("/api/plans", json=plan_body(state_id, target_size="78MB", compare_presets=False)).json()
+    assert full["comparisons"] and quick["comparisons"] == []
+    assert [t["qtype"] for t in quick["tensors"]] == [t["qtype"] for t in full["tensors"]]

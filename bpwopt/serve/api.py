@@ -119,6 +119,8 @@ class PlanRequest(BaseModel):
     target_bpw: float | None = Field(default=None, gt=0, le=32)
     objective: str | None = None
     allow_requantize: bool = False
+    compare_presets: bool = Field(default=True, description="also solve at the nearest presets' sizes (as the "
+                                  "command line reports them); false answers faster")  # fmt: skip
 
     @model_validator(mode="after")
     def one_target(self) -> PlanRequest:
@@ -287,7 +289,7 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
             imatrix_path=roots.inside(request.imatrix) if request.imatrix else None,
             state_path=state_path(request.state),
             objective=request.objective,
-            compare_presets=True,
+            compare_presets=request.compare_presets,
             record_plan=False,
             measure_missing=False,
             dry_run=True,

@@ -93,7 +93,7 @@ class JobRunner:
             if view != last or last is None:
                 yield view
             last = view
-            if job.status not in ("queued", "running"):
+            if view["status"] not in ("queued", "running"):  # the view's, not the job's: that one may be newer
                 return
 
     def stop_all(self) -> None:

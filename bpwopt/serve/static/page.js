@@ -111,7 +111,8 @@ async function replan(asked) {
   target = asked;
   const started = performance.now();
   try {
-    const answer = await api("/api/plans", { method: "POST", body: JSON.stringify({ ...selection(), ...asked }) });
+    const body = { ...selection(), ...asked, compare_presets: false }; // the presets come from the curve
+    const answer = await api("/api/plans", { method: "POST", body: JSON.stringify(body) });
     if (target !== asked) return; // a later move of the control is already on its way
     plan = answer;
     showPlan(performance.now() - started);
@@ -132,16 +133,29 @@ function showPlan(milliseconds) {
   $("plan").dataset.types = JSON.stringify(Object.fromEntries(plan.tensors.map((t) => [t.name, t.qtype])));
   $("plan").dataset.replanMs = String(Math.round(milliseconds));
   $("plan").dataset.target = JSON.stringify(target);
-  $("presets").tBodies[0].replaceChildren(...plan.comparisons.map((c) => {
+  $("presets").tBodies[0].replaceChildren(...nearestPresets(plan.bits_per_weight).map((p) => {
     const row = document.createElement("tr");
-    [c.name, c.bits_per_weight.toFixed(4), c.predicted_error.toPrecision(4),
-     `${c.optimized_error.toPrecision(4)} (${(c.optimized_error / c.predicted_error).toFixed(2)}×)`]
+    const ours = curveErrorAt(p.bits_per_weight);
+    [p.label, p.bits_per_weight.toFixed(4), p.error.toPrecision(4),
+     ours == null ? "–" : `${ours.toPrecision(4)} (${(ours / p.error).toFixed(2)}×)`]
       .forEach((text) => row.insertCell().textContent = text);
     return row;
   }));
   Plotly.restyle("curve", { x: [[plan.bits_per_weight]], y: [[plan.predicted_error]] }, [3]);
   drawBits();
   $("write").disabled = false;
+}
+
+function nearestPresets(bpw, count = 3) {
+  return [...front.presets].sort((a, b) => Math.abs(a.bits_per_weight - bpw) - Math.abs(b.bits_per_weight - bpw))
+    .slice(0, count).sort((a, b) => a.bits_per_weight - b.bits_per_weight);
+}
+
+function curveErrorAt(bpw) {
+  // the least error the traced curve reaches at or below bpw: bpwopt's plan at that preset's size
+  let error = null;
+  front.bits_per_weight.forEach((x, i) => { if (x <= bpw) error = front.error[i]; });
+  return error;
 }
 
 function drawBits() {
