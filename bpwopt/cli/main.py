@@ -207,7 +207,7 @@ def build_quantize_parser() -> argparse.ArgumentParser:
         usage=(
             "bpwopt [options] IN.gguf [OUT.gguf] TYPE [THREADS]\n"
             "       bpwopt [options] --target-size SIZE | --target-bpw X IN.gguf [OUT.gguf] [TYPE] [THREADS]\n"
-            "       bpwopt {inspect,eval,plot,calibrate,tune} ... (bpwopt SUBCOMMAND --help)"
+            "       bpwopt {inspect,eval,plot,calibrate,tune,serve} ... (bpwopt SUBCOMMAND --help)"
         ),
         description=(
             "Quantize a GGUF model as llama-quantize does (drop-in), or to a size or bits-per-weight target.\n\n"
@@ -216,7 +216,8 @@ def build_quantize_parser() -> argparse.ArgumentParser:
             "  eval       KL divergence, top-token agreement and perplexity of a quantized model against its base\n"
             "  plot       plots of a state file: trade-off, a plan's bits per layer, per-tensor errors\n"
             "  calibrate  per-group sensitivities (KLD on the calibration text); later solves and --check use them\n"
-            "  tune       fit the objective's per-class and depth factors to measured KLD"
+            "  tune       fit the objective's per-class and depth factors to measured KLD\n"
+            "  serve      a local web page and JSON API over the models and states under --root folders"
         ),
         epilog="TYPE (name or number):\n" + format_presets_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,

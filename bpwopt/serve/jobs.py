@@ -11,6 +11,7 @@ the state's own one-line refusal. Progress is read from the child's progress bar
 from __future__ import annotations
 
 import json
+import queue
 import re
 import subprocess
 import sys
@@ -57,12 +58,12 @@ class Job:
 
 
 class JobRunner:
-    """Runs jobs in the background: one queue (a thread) per state, any number of states at once."""
+    """Runs jobs in the background: one queue (and one thread) per state, first in first out; states at once."""
 
     def __init__(self, program: Sequence[str] = (sys.executable, "-m", "bpwopt.cli")) -> None:
         self._program = list(program)
         self._jobs: dict[str, Job] = {}
-        self._queues: dict[str, threading.Lock] = {}
+        self._queues: dict[str, queue.SimpleQueue] = {}
         self._children: dict[str, subprocess.Popen] = {}
         self._changed = threading.Condition()
 
@@ -70,9 +71,12 @@ class JobRunner:
         job = Job(id=uuid.uuid4().hex[:12], kind=kind, argv=argv, state=str(state) if state else None)
         with self._changed:
             self._jobs[job.id] = job
-            queue = self._queues.setdefault(job.state or job.id, threading.Lock())
+            key = job.state or job.id  # a job without a state waits for nobody
+            if key not in self._queues:
+                self._queues[key] = queue.SimpleQueue()
+                threading.Thread(target=self._work, args=(self._queues[key],), name=f"jobs-{key}", daemon=True).start()
+            self._queues[key].put(job)
             self._changed.notify_all()
-        threading.Thread(target=self._run, args=(job, queue), name=f"job-{job.id}", daemon=True).start()
         return job
 
     def get(self, job_id: str) -> Job | None:
@@ -112,21 +116,28 @@ class JobRunner:
                 setattr(job, key, value)
             self._changed.notify_all()
 
-    def _run(self, job: Job, queue: threading.Lock) -> None:
-        with queue:
-            self._update(job, status="running", started=time.time())
-            with tempfile.TemporaryFile("w+") as stdout:
-                child = subprocess.Popen([*self._program, *job.argv], stdin=subprocess.DEVNULL, stdout=stdout,
-                                         stderr=subprocess.PIPE, text=True)  # fmt: skip
-                self._children[job.id] = child
-                try:
-                    for line in _lines(child.stderr):
-                        self._read(job, line)
-                    status = child.wait()
-                finally:
-                    self._children.pop(job.id, None)
-                stdout.seek(0)
-                printed = stdout.read()
+    def _work(self, jobs: queue.SimpleQueue) -> None:
+        while True:
+            job = jobs.get()
+            try:
+                self._run(job)
+            except Exception as error:  # the child could not start (an OSError): this job fails, the queue goes on
+                self._update(job, status="failed", error=f"{type(error).__name__}: {error}", finished=time.time())
+
+    def _run(self, job: Job) -> None:
+        self._update(job, status="running", started=time.time())
+        with tempfile.TemporaryFile("w+") as stdout:
+            child = subprocess.Popen([*self._program, *job.argv], stdin=subprocess.DEVNULL, stdout=stdout,
+                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+            self._children[job.id] = child
+            try:
+                for line in _lines(child.stderr):
+                    self._read(job, line)
+                status = child.wait()
+            finally:
+                self._children.pop(job.id, None)
+            stdout.seek(0)
+            printed = stdout.read()
         if status == 0:
             self._update(job, status="done", percent=100, result=_json_or_none(printed), finished=time.time())
         else:
