@@ -141,6 +141,13 @@ def test_a_path_outside_the_root_is_refused(client, state_id, root, model):
     assert "link.gguf" not in [m["path"] for m in client.get("/api/models").json()]
 
 
+@pytest.mark.parametrize("model", ["a" * 5000 + ".gguf", "\x00.gguf", "  "])
+def test_a_path_no_file_can_have_is_a_one_line_404(client, state_id, model):
+    response = client.post("/api/plans", json=plan_body(state_id, model=model, target_size="70MB"))
+    assert response.status_code == 404
+    assert "\n" not in response.json()["detail"] and len(response.json()["detail"]) < 300
+
+
 def test_a_state_lacking_a_measurement_is_not_measured_by_a_plan(root, demo_model_path, tmp_path):
     shutil.copyfile(root / "models" / "demo.gguf", tmp_path / "demo.gguf")
     shutil.copyfile(root / "demo.bpw_state", tmp_path / "demo.bpw_state")

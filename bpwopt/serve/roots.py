@@ -47,12 +47,16 @@ class Roots:
         if "\x00" in text or not text.strip():
             raise PathRefusedError(f"not a path: {text!r}")
         path = Path(text)
-        if not path.is_absolute():
-            path = next((root / path for root in self.folders if (root / path).exists()), self.folders[0] / path)
-        resolved = path.resolve()
+        try:
+            if not path.is_absolute():
+                path = next((root / path for root in self.folders if (root / path).exists()), self.folders[0] / path)
+            resolved = path.resolve()
+            is_file = resolved.is_file()
+        except OSError as error:  # a name too long, a loop of links: no file a request can have
+            raise PathRefusedError(f"{text[:200]}: {error.strerror or error}") from None
         if not self.holds(resolved):
             raise PathRefusedError(f"{text} is outside the folders this server was given")
-        if must_exist and not resolved.is_file():
+        if must_exist and not is_file:
             raise PathRefusedError(f"{text}: no such file under the server's folders")
         return resolved
 
