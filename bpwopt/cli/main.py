@@ -13,7 +13,6 @@ import argparse
 import json
 import math
 import os
-import re
 import signal
 import sys
 import tempfile
@@ -32,6 +31,7 @@ from bpwopt.cli.config import config_argv
 from bpwopt.cli.signals import STOPPED_BY, Terminated, sigterm_raises, stopping_signal
 from bpwopt.errors import BpwoptError
 from bpwopt.formats.files import cache_dir
+from bpwopt.formats.output_paths import with_budget
 from bpwopt.formats.splits import SPLIT_KEYS
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, default_output_path, quantize_file
@@ -412,8 +412,7 @@ def _ladder(job: OptimizeJob, args: argparse.Namespace) -> Iterator[list[Optimiz
             target = Target(file_bytes=parse_size(size))
             output = None
             if job.output_path is not None:
-                label = re.sub(r"[^\w.]+", "_", size)
-                output = job.output_path.with_name(f"{job.output_path.stem}-{label}{job.output_path.suffix}")
+                output = with_budget(job.output_path, size)
             elif not job.dry_run:
                 output = default_output_path(job.input_path, target.file_label())
             rungs.append(replace(job, target=target, output_path=output, state_path=state_path))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -85,6 +86,15 @@ def check_free_space(targets: Sequence[OutputPath], file_bytes: int) -> None:
                 f"not enough space for {targets[0].requested}: it needs {file_bytes:,} bytes, "
                 f"{directory} has {free:,} free"
             )
+
+
+def with_budget(path: Path, budget: str) -> Path:
+    """path with a budget appended to its name (OUT.gguf, "2gb" -> OUT-2gb.gguf): one file of a ladder.
+
+    Anything in budget but letters, digits, "_" and "." becomes "_", so a size never names a folder.
+    """
+    label = re.sub(r"[^\w.]+", "_", budget)
+    return path.with_name(f"{path.stem}-{label}{path.suffix}")
 
 
 def temporary_path(path: Path) -> Path:

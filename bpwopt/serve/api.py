@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -26,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from bpwopt.errors import BpwoptError
+from bpwopt.formats.output_paths import with_budget
 from bpwopt.jobs.optimize import OptimizeJob, optimize_file
 from bpwopt.jobs.report import report_as_dict
 from bpwopt.policy.llama import QuantizeOptions
@@ -307,8 +307,7 @@ def _output(roots: Roots, request: JobRequest, model: Path) -> Path:
     output = roots.inside(request.output, must_exist=False) if request.output else default
     if len(request.target_sizes) > 1:
         return output
-    label = re.sub(r"[^\w.]+", "_", request.target_sizes[0]) if request.target_sizes else f"{request.target_bpw:.4f}bpw"
-    return output.with_name(f"{output.stem}-{label}{output.suffix}")
+    return with_budget(output, request.target_sizes[0] if request.target_sizes else f"{request.target_bpw:.4f}bpw")
 
 
 def _counts(path: Path, identity) -> dict[str, int | None]:
