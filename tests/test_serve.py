@@ -11,6 +11,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -357,7 +358,33 @@ def test_the_page_shows_the_plan_dry_run_json_gives_and_writes_it(browser, serve
     written = root / "models" / f"demo-bpwopt-{float(bpw):.4f}bpw.gguf"
     assert done[0].find_element(By.CLASS_NAME, "written").text == f"wrote {written} ({file_bytes:,} bytes)"
     assert written.stat().st_size == file_bytes
+
+    browser.find_element(By.ID, "chunks").send_keys("1")
+    done[0].find_element(By.CLASS_NAME, "evaluate").click()  # measure the KLD of the file just written
+    kld = wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#jobs li[data-status=done] .kld"))
+    assert kld[0].text.startswith("KLD ") and "perplexity" in kld[0].text
+    stored = wait.until(lambda page: page.execute_script(  # the curve redrawn: the stored plan with its KLD
+        "return document.getElementById('curve').data[2].customdata.filter((text) => text).length"))
+    assert stored >= 1
     assert browser.get_log("browser") == []  # no script error, no failed request
+    browser.get("about:blank")  # the page asks nothing more of the server: the tests after it have the state
+
+
+def test_plans_asked_at_once_on_one_state_are_all_answered(client, state_id):
+    """The state is open in one request at a time (its lock): the others wait for it instead of being refused."""
+    bodies = [plan_body(state_id, target_bpw=bpw, compare_presets=False) for bpw in (4.6, 4.8, 5.0, 5.2, 5.4, 5.6)]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        answers = list(pool.map(lambda body: client.post("/api/plans", json=body), bodies))
+    assert [answer.status_code for answer in answers] == [200] * len(bodies), [a.text for a in answers]
+    assert [a.json()["bits_per_weight"] <= b["target_bpw"] for a, b in zip(answers, bodies, strict=True)] == [True] * 6
+
+
+def test_a_measure_job_reports_what_it_measured(client, state_id):
+    job = finished(client, submit(client, kind="measure", model="models/demo.gguf", state=state_id, target_bpw=4.5,
+                                  allow_requantize=True, threads=2))  # fmt: skip
+    assert job["status"] == "done", job
+    assert "--threads 2" in job["command"]
+    assert any(line.startswith("bpwopt: measured 0 ") and "reused" in line for line in job["log"]), job["log"]
 
 
 def test_a_plan_without_the_preset_comparisons_is_the_same_plan(client, state_id):

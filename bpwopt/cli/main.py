@@ -58,6 +58,7 @@ from bpwopt.quality.tune import DEFAULT_CTX as TUNE_CTX
 from bpwopt.quality.tune import DEFAULT_TRIALS, tune
 from bpwopt.quality.tune import format_report as format_tune_report
 from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, ROUNDINGS
+from bpwopt.serve.journal import JOURNAL_NAME
 from bpwopt.serve.server import DEFAULT_PORT, serve
 from bpwopt.solve.objective import DEFAULT_GROUPING, DEFAULT_OBJECTIVE, GROUPINGS, OBJECTIVES
 from bpwopt.solve.targets import Target, parse_size
@@ -113,7 +114,7 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    serve(args.host, args.port, args.root or [Path.cwd()])
+    serve(args.host, args.port, args.root or [Path.cwd()], args.jobs_file)
 
 
 def _plot(args: argparse.Namespace) -> None:
@@ -626,6 +627,9 @@ def build_parser() -> argparse.ArgumentParser:
     serving.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"port (default: {DEFAULT_PORT})")
     serving.add_argument("--root", type=Path, action="append", metavar="DIR",
                          help="a folder whose models and states are served; repeat for more (default: .)")  # fmt: skip
+    serving.add_argument("--jobs-file", type=Path, metavar="FILE",
+                         help=f"where the job list is kept across restarts (default: {JOURNAL_NAME} in the first "
+                         "root); jobs a stop interrupted are resumed at the next start")  # fmt: skip
     serving.set_defaults(run=_serve)
     for command in commands.choices.values():
         command.add_argument("--debug", action="store_true", help=_DEBUG_HELP)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from importlib import resources
@@ -32,6 +33,7 @@ from bpwopt.policy.llama import QuantizeOptions
 from bpwopt.quality.plots import MarkedPoint, read_plot_data
 from bpwopt.serve.access import COOKIE, token_matches
 from bpwopt.serve.jobs import Job, JobRunner
+from bpwopt.serve.journal import Journal
 from bpwopt.serve.roots import STATE_SUFFIX, PathRefusedError, Roots, file_id
 from bpwopt.solve.targets import Target, parse_size
 from bpwopt.state.store import StateFile, read_identity
@@ -149,9 +151,14 @@ class TokenCheck(BaseHTTPMiddleware):
         return response
 
 
-def create_app(roots: Roots, token: str | None = None) -> FastAPI:
-    """The API over the files under roots; with token, every request must carry it."""
-    runner = JobRunner()
+def create_app(roots: Roots, token: str | None = None, journal: Path | None = None) -> FastAPI:
+    """The API over the files under roots; with token, every request must carry it.
+
+    journal: the file that keeps the job list across restarts (none: forgotten at exit);
+    the jobs a stop interrupted are resumed now.
+    """
+    runner = JobRunner(journal=Journal(journal) if journal else None)
+    in_use = _StateLocks()
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -168,9 +175,10 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
         return JSONResponse({"detail": str(error)}, status_code=404 if isinstance(error, PathRefusedError) else 400)
 
     def state_path(state: str, create: bool = False) -> Path:
-        """A state by its id, or by its path under the roots (one to be made where create is set)."""
+        """A state by its id, or by its path (relative to a root, or absolute, as a job shows it) under the roots;
+        one to be made where create is set."""
         for path in roots.states():
-            if state in (file_id(path), roots.relative(path)):
+            if state in (file_id(path), roots.relative(path), str(path)):
                 return path
         if create and state.endswith(STATE_SUFFIX):
             return roots.inside(state, must_exist=False)
@@ -182,17 +190,15 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
             raise HTTPException(404, f"no job {job_id}")
         return job
 
-    @app.post("/api/jobs", status_code=202)
-    def submit(request: JobRequest) -> dict:
-        """Start a job; it runs after the jobs already queued on its state. Follow it at /api/jobs/{id}/events."""
+    def command(request: JobRequest) -> tuple[list[str], Path | None]:
+        """The bpwopt command line a job runs, and the state whose queue it joins; refused paths raise."""
         model = roots.inside(request.model)
         if request.kind == "evaluate":
             argv = ["eval", str(model), str(roots.inside(request.quant)), "--json"]
             argv += ["--chunks", str(request.chunks)] if request.chunks else []
             argv += ["--threads", str(request.threads)] if request.threads else []
             state = state_path(request.state) if request.state else None
-            argv += ["--state-file", str(state)] if state else []
-            return runner.submit(request.kind, argv, state).view()
+            return argv + (["--state-file", str(state)] if state else []), state
         state = state_path(request.state, create=True) if request.state else model.with_suffix(STATE_SUFFIX)
         argv = ["--state-file", str(state)] + (["--allow-requantize"] if request.allow_requantize else [])
         argv += ["--imatrix", str(roots.inside(request.imatrix))] if request.imatrix else []
@@ -201,13 +207,29 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
             argv += ["--target-size", ",".join(request.target_sizes if len(sizes) > 1 else sizes)]
         else:
             argv += ["--target-bpw", repr(request.target_bpw)]
-        argv.append(str(model))
-        if request.kind == "measure":
-            argv.append("--dry-run")
-        else:
-            argv.append(str(_output(roots, request, model)))
-        argv += [str(request.threads)] if request.threads else []
-        return runner.submit(request.kind, argv, state).view()
+        argv += ["--threads", str(request.threads)] if request.threads else []
+        argv += [str(model), "--dry-run" if request.kind == "measure" else str(_output(roots, request, model))]
+        return argv, state
+
+    for interrupted in runner.restore():  # checked against today's roots: they may not be the last start's
+        try:
+            runner.resume(interrupted, *command(JobRequest.model_validate(interrupted.request)))
+        except (BpwoptError, HTTPException, ValueError) as refused:
+            runner.fail(interrupted, f"not resumed: {getattr(refused, 'detail', refused)}")
+
+    @app.post("/api/jobs", status_code=202)
+    def submit(request: JobRequest) -> dict:
+        """Start a job; it runs after the jobs already queued on its state. Follow it at /api/jobs/{id}/events."""
+        argv, state = command(request)
+        return runner.submit(request.kind, argv, state, request.model_dump()).view()
+
+    @app.post("/api/jobs/{job_id}/cancel")
+    def cancel(job_id: str) -> dict:
+        """Stop a job: a queued one never runs, a running one is stopped (a measurement keeps what it measured)."""
+        job = job_or_404(job_id)
+        if not runner.cancel(job):
+            raise HTTPException(409, f"job {job_id} has already ended ({job.status})")
+        return job.view()
 
     @app.get("/api/jobs")
     def jobs() -> list[dict]:
@@ -257,7 +279,8 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
             summaries.append(
                 StateSummary(id=file_id(path), path=roots.relative(path), model_name=identity.model_name,
                              model_sha256=identity.model_sha256, imatrix_sha256=identity.imatrix_sha256,
-                             sampling=identity.sampling, rounding=identity.rounding, **_counts(path, identity))
+                             sampling=identity.sampling, rounding=identity.rounding,
+                             **_counts(path, identity, in_use))
             )  # fmt: skip
         return summaries
 
@@ -267,8 +290,9 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
 
         Traced with the solver's fast (Lagrangian) plans; POST /api/plans solves one budget exactly.
         """
-        data = read_plot_data(state_path(state_id), roots.inside(model) if model else None, points=FRONT_POINTS,
-                              exact=False)  # fmt: skip
+        path = state_path(state_id)
+        with in_use(path):
+            data = read_plot_data(path, roots.inside(model) if model else None, points=FRONT_POINTS, exact=False)
         if data.tradeoff is None:
             raise HTTPException(409, "; ".join(data.skipped))
         curve = data.tradeoff
@@ -281,13 +305,14 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
     def plan(request: PlanRequest) -> dict:
         """The plan for a budget, exactly as `bpwopt --dry-run --json` reports it, from the state alone."""
         target = Target(file_bytes=parse_size(request.target_size)) if request.target_size else None
+        state = state_path(request.state)
         job = OptimizeJob(
             input_path=roots.inside(request.model),
             output_path=None,
             target=target or Target(bits_per_weight=request.target_bpw),
             options=QuantizeOptions(allow_requantize=request.allow_requantize),
             imatrix_path=roots.inside(request.imatrix) if request.imatrix else None,
-            state_path=state_path(request.state),
+            state_path=state,
             objective=request.objective,
             compare_presets=request.compare_presets,
             record_plan=False,
@@ -295,7 +320,8 @@ def create_app(roots: Roots, token: str | None = None) -> FastAPI:
             dry_run=True,
             progress=False,
         )
-        return report_as_dict(optimize_file(job))
+        with in_use(state):
+            return report_as_dict(optimize_file(job))
 
     return app
 
@@ -310,10 +336,28 @@ def _output(roots: Roots, request: JobRequest, model: Path) -> Path:
     return with_budget(output, request.target_sizes[0] if request.target_sizes else f"{request.target_bpw:.4f}bpw")
 
 
-def _counts(path: Path, identity) -> dict[str, int | None]:
+class _StateLocks:
+    """One lock per state file for the requests of this server that open it (plans, curves, counts).
+
+    A state is open in one place at a time (its flock refuses a second opener,
+    in this process too), so requests on one state wait for each other here
+    instead of one being refused; a job's child process is another process,
+    and a request meanwhile gets the state's own one-line refusal.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[Path, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def __call__(self, path: Path) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(path, threading.Lock())
+
+
+def _counts(path: Path, identity, in_use: _StateLocks) -> dict[str, int | None]:
     """Measurements and plans in a state; None for both while another process (a running job) holds it."""
     try:
-        with StateFile.open(path, identity, create=False) as state:
+        with in_use(path), StateFile.open(path, identity, create=False) as state:
             return {"measurements": len(state.measurements()), "plans": len(state.plans())}
     except BpwoptError:
         return {"measurements": None, "plans": None}

@@ -8,13 +8,15 @@ from pathlib import Path
 
 from bpwopt.errors import BpwoptError
 from bpwopt.serve.access import needs_token, new_token
+from bpwopt.serve.journal import JOURNAL_NAME
 from bpwopt.serve.roots import Roots
 
 DEFAULT_PORT = 8765
 
 
-def serve(host: str, port: int, roots: Sequence[Path]) -> None:
-    """Serve the API over roots at host:port until interrupted."""
+def serve(host: str, port: int, roots: Sequence[Path], jobs_file: Path | None = None) -> None:
+    """Serve the API over roots at host:port until interrupted; the job list is kept in jobs_file
+    (default: JOURNAL_NAME in the first root)."""
     try:
         import uvicorn
 
@@ -26,4 +28,5 @@ def serve(host: str, port: int, roots: Sequence[Path]) -> None:
     address = f"http://{host}:{port}/"
     print(f"bpwopt: serving {', '.join(map(str, folders.folders))}", file=sys.stderr)
     print(f"bpwopt: {address}docs{f'?token={token}' if token else ''}", file=sys.stderr)
-    uvicorn.run(create_app(folders, token), host=host, port=port, log_level="warning")
+    app = create_app(folders, token, jobs_file or folders.folders[0] / JOURNAL_NAME)
+    uvicorn.run(app, host=host, port=port, log_level="warning")

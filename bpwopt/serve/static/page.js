@@ -5,7 +5,8 @@
 const $ = (id) => document.getElementById(id);
 let front = null;      // GET /api/states/{id}/front of the chosen state
 let plan = null;       // the last POST /api/plans answer shown
-let target = null;     // what that plan was asked for: {target_bpw} or {target_size}
+let target = null;     // the plan last asked for: {target_bpw} or {target_size}
+let planning = false;  // a plan request is on its way: the newest target is asked when it is answered
 let replanTimer = null;
 // Presets named on the curve (the rest are markers with their names on hover): the sizes people pick.
 const COMMON_PRESETS = new Set(["Q2_K", "Q3_K_M", "IQ4_XS", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]);
@@ -108,17 +109,27 @@ function onSlide() {
 }
 
 async function replan(asked) {
+  // One request at a time: a state answers one request at a time anyway, and a plan for a place the control
+  // has already left is not worth waiting for. When an answer comes, the newest target is asked if it differs.
   target = asked;
-  const started = performance.now();
-  try {
-    const body = { ...selection(), ...asked, compare_presets: false }; // the presets come from the curve
-    const answer = await api("/api/plans", { method: "POST", body: JSON.stringify(body) });
-    if (target !== asked) return; // a later move of the control is already on its way
-    plan = answer;
-    showPlan(performance.now() - started);
-  } catch (error) {
-    showError($("plan-file"), error);
+  if (planning) return;
+  planning = true;
+  let sent = null;
+  while (sent !== target) {
+    sent = target;
+    const started = performance.now();
+    try {
+      const body = { ...selection(), ...sent, compare_presets: false }; // the presets come from the curve
+      const answer = await api("/api/plans", { method: "POST", body: JSON.stringify(body) });
+      if (sent === target) {
+        plan = answer;
+        showPlan(performance.now() - started);
+      }
+    } catch (error) {
+      if (sent === target) showError($("plan-file"), error);
+    }
   }
+  planning = false;
 }
 
 function showPlan(milliseconds) {
@@ -199,6 +210,10 @@ async function startJob(body) {
   }
 }
 
+function unfinished(job) {
+  return job.status === "queued" || job.status === "running";
+}
+
 function follow(job) {
   let item = document.querySelector(`#jobs li[data-job="${job.id}"]`);
   if (!item) {
@@ -207,24 +222,33 @@ function follow(job) {
     $("jobs").prepend(item);
   }
   render(item, job);
-  if (job.status === "queued" || job.status === "running") {
+  if (unfinished(job)) {
     const events = new EventSource(`/api/jobs/${job.id}/events`);
     events.onmessage = (message) => {
       const view = JSON.parse(message.data);
       render(item, view);
-      if (view.status !== "queued" && view.status !== "running") {
+      if (!unfinished(view)) {
         events.close();
-        if (view.kind !== "evaluate") loadLists();
+        if (view.kind === "evaluate") loadFront(); // the stored plan it measured now has its KLD on the curve
+        else loadLists();
       }
     };
   }
 }
 
+function button(text, className, onClick) {
+  const element = document.createElement("button");
+  element.textContent = text;
+  element.className = className;
+  element.addEventListener("click", onClick);
+  return element;
+}
+
 function render(item, job) {
   item.dataset.status = job.status;
   const stage = job.status === "running" && job.stage ? ` ${job.stage} ${job.percent}%` : "";
-  const written = job.written.map((w) => `${w.path} (${w.bytes.toLocaleString("en-US")} bytes)`).join(", ");
   item.replaceChildren(`${job.kind} · ${job.status}${stage} `);
+  item.title = job.command;
   if (job.status === "running") {
     const bar = document.createElement("progress");
     bar.max = 100;
@@ -232,10 +256,33 @@ function render(item, job) {
     item.append(bar);
   }
   const detail = document.createElement("span");
-  detail.className = job.error ? "error" : "written";
-  detail.textContent = job.error ? ` ${job.error}` : written ? ` wrote ${written}` : "";
+  if (job.error) {
+    detail.className = "error";
+    detail.textContent = ` ${job.error}`;
+  } else if (job.kind === "evaluate" && job.result) {
+    const r = job.result;
+    detail.className = "kld";
+    detail.textContent = ` KLD ${r.mean_kld.toPrecision(4)} ± ${r.mean_kld_stderr.toPrecision(2)} nats/token, ` +
+      `perplexity ${r.ppl_quant.toFixed(3)} (base ${r.ppl_base.toFixed(3)}), same top token ` +
+      `${(100 * r.same_top_rate).toFixed(1)}%, ${r.tokens} tokens`;
+  } else if (job.written.length) {
+    detail.className = "written";
+    detail.textContent = ` wrote ${job.written.map((w) => `${w.path} (${w.bytes.toLocaleString("en-US")} bytes)`).join(", ")}`;
+  }
   item.append(detail);
-  item.title = job.command;
+  if (unfinished(job)) {
+    item.append(" ", button("cancel", "cancel", () => api(`/api/jobs/${job.id}/cancel`, { method: "POST" })
+      .catch((error) => showError(detail, error))));
+  }
+  if (job.kind === "write" && job.status === "done") {
+    job.written.forEach((w) => item.append(" ", button(`measure KLD of ${w.path.split("/").pop()}`, "evaluate", () =>
+      startJob({ kind: "evaluate", model: job.request.model, quant: w.path, state: job.state, ...evaluateWindows() }))));
+  }
+}
+
+function evaluateWindows() {
+  const chunks = Number($("chunks").value);
+  return chunks > 0 ? { chunks } : {};
 }
 
 function writeAsked() {
