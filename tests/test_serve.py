@@ -350,8 +350,6 @@ def test_the_page_shows_the_plan_dry_run_json_gives_and_writes_it(browser, serve
     file_bytes = int(browser.find_element(By.ID, "plan-file").get_attribute("data-file-bytes"))
     assert file_bytes == expected["file_bytes"]
     assert browser.find_element(By.ID, "plan-file").text.startswith(f"{file_bytes:,} bytes")
-    if os.environ.get("BPWOPT_SCREENSHOT"):  # the README's picture: BPWOPT_SCREENSHOT=docs/serve.png pytest -k page
-        browser.save_screenshot(os.environ["BPWOPT_SCREENSHOT"])
 
     browser.find_element(By.ID, "write").click()
     done = wait.until(lambda page: page.find_elements(By.CSS_SELECTOR, "#jobs li[data-status=done]"))
@@ -367,6 +365,8 @@ def test_the_page_shows_the_plan_dry_run_json_gives_and_writes_it(browser, serve
         "return document.getElementById('curve').data[2].customdata.filter((text) => text).length"))
     assert stored >= 1
     assert browser.get_log("browser") == []  # no script error, no failed request
+    if os.environ.get("BPWOPT_SCREENSHOT"):  # the README's picture: BPWOPT_SCREENSHOT=docs/serve.png pytest -k page
+        browser.save_screenshot(os.environ["BPWOPT_SCREENSHOT"])
     browser.get("about:blank")  # the page asks nothing more of the server: the tests after it have the state
 
 

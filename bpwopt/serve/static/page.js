@@ -64,8 +64,11 @@ async function loadFront() {
   slider.max = front.bits_per_weight.length - 1;
   slider.step = 1;
   slider.disabled = false;
+  // Where the control was (a job's end redraws the curve), else at the state's last stored plan, else midway.
+  const shown = Number($("bpw-value").dataset.bpw);
   const newest = front.plans[front.plans.length - 1];
-  slider.value = newest ? nearestIndex(newest.bits_per_weight) : Math.floor(front.bits_per_weight.length / 2);
+  const at = shown || (newest && newest.bits_per_weight);
+  slider.value = at ? nearestIndex(at) : Math.floor(front.bits_per_weight.length / 2);
   onSlide();
 }
 
@@ -79,9 +82,9 @@ function nearestIndex(bpw) {
 
 function drawCurve() {
   const commonNames = (label) => label.split(" = ").filter((name) => COMMON_PRESETS.has(name)).join(" = ");
-  const points = (list, name, symbol, textOf = (label) => label) => ({
+  const points = (list, name, symbol, textOf) => ({
     x: list.map((p) => p.bits_per_weight), y: list.map((p) => p.error), hovertext: list.map((p) => p.label),
-    text: list.map((p) => textOf(p.label)),
+    text: list.map((p) => (textOf ? textOf(p.label) : "")),
     customdata: list.map((p) => (p.kld == null ? "" : `KLD ${p.kld.toPrecision(4)} ± ${p.kld_stderr.toPrecision(2)}`)),
     name, mode: "markers+text", textposition: "top center", marker: { symbol, size: 9 },
     hovertemplate: "%{hovertext}<br>%{x:.4f} bpw, error %{y:.4g}<br>%{customdata}<extra></extra>", type: "scatter",
@@ -90,7 +93,7 @@ function drawCurve() {
     { x: front.bits_per_weight, y: front.error, name: "bpwopt", mode: "lines+markers", marker: { size: 4 },
       hovertemplate: "%{x:.4f} bpw, error %{y:.4g}<extra></extra>", type: "scatter" },
     points(front.presets, "llama.cpp presets", "diamond", commonNames),
-    points(front.plans, "stored plans", "square"),
+    points(front.plans, "stored plans", "square"), // named on hover: a state gathers many
     { x: [], y: [], name: "this plan", mode: "markers", marker: { size: 14, symbol: "star", color: "#d62728" },
       type: "scatter", hovertemplate: "this plan: %{x:.4f} bpw, error %{y:.4g}<extra></extra>" },
   ];
