@@ -119,10 +119,13 @@ def test_an_interrupted_job_whose_paths_left_the_roots_is_not_resumed(served, tm
     journal = tmp_path / "jobs.json"
     record = {"id": "j1", "kind": "measure", "argv": [], "state": None, "status": "running",
               "request": measure_body(model="elsewhere/demo.gguf")}  # fmt: skip
-    journal.write_text(json.dumps([record]))
+    unreadable = record | {"id": "j2", "request": {"kind": "measure"}}  # no model, no target
+    journal.write_text(json.dumps([record, unreadable]))
     client = TestClient(create_app(Roots.of([served]), journal=journal))
     job = client.get("/api/jobs/j1").json()
     assert job["status"] == "failed" and job["error"].startswith("not resumed: elsewhere/demo.gguf")
+    job = client.get("/api/jobs/j2").json()
+    assert job["status"] == "failed" and job["error"] == "not resumed: Field required"
 
 
 def test_cancel_is_for_jobs_that_exist(served):

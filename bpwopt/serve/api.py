@@ -22,7 +22,7 @@ from typing import Annotated, Literal
 from fastapi import FastAPI, HTTPException, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 
 from bpwopt.errors import BpwoptError
@@ -214,7 +214,9 @@ def create_app(roots: Roots, token: str | None = None, journal: Path | None = No
     for interrupted in runner.restore():  # checked against today's roots: they may not be the last start's
         try:
             runner.resume(interrupted, *command(JobRequest.model_validate(interrupted.request)))
-        except (BpwoptError, HTTPException, ValueError) as refused:
+        except ValidationError as refused:  # a journal edited by hand, or written by another version
+            runner.fail(interrupted, f"not resumed: {'; '.join(e['msg'] for e in refused.errors())}")
+        except (BpwoptError, HTTPException) as refused:
             runner.fail(interrupted, f"not resumed: {getattr(refused, 'detail', refused)}")
 
     @app.post("/api/jobs", status_code=202)
