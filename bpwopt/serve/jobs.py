@@ -34,8 +34,9 @@ _BAR = re.compile(r"^(?P<stage>[a-z]+):\s+(?P<percent>\d+)%\|")  # tqdm: "measur
 # "wrote OUT (N bytes) in 3.8 s" or "wrote 3 shards, OUT-00001-of-00003.gguf first (N bytes in all) in …"
 _WROTE = re.compile(r"^bpwopt: wrote (?:\d+ shards, )?(?P<path>.+?)(?: first)? \((?P<bytes>[\d,]+) bytes")
 _ERROR = "bpwopt: error: "
-STATUSES = ("queued", "running", "done", "failed", "stopped", "interrupted")
-UNFINISHED = ("queued", "running")  # "stopped": cancelled; "interrupted": by the server's stop, resumed at its start
+# A job's status: queued, running, done, failed, stopped (cancelled) or interrupted (by the server's stop,
+# resumed at its next start).
+UNFINISHED = ("queued", "running")
 
 
 @dataclass
