@@ -68,7 +68,7 @@ def test_a_stop_interrupts_jobs_and_the_next_runner_gets_them_back(tmp_path):
 
 def test_a_journal_that_is_not_a_job_list_is_a_one_line_error(tmp_path):
     journal = tmp_path / "jobs.json"
-    for text in ("{not json", '{"a": 1}', "[1, 2]"):
+    for text in ("{not json", '{"a": 1}', "[1, 2]", '[{"id": "j1"}]'):
         journal.write_text(text)
         with pytest.raises(BpwoptError, match="not a bpwopt serve job list") as refused:
             create_app(Roots.of([tmp_path]), journal=journal)

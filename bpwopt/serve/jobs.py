@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO
 
+from bpwopt.errors import BpwoptError
 from bpwopt.serve.journal import Journal, read_journal
 
 _BAR = re.compile(r"^(?P<stage>[a-z]+):\s+(?P<percent>\d+)%\|")  # tqdm: "measuring:  21%|██▏  | 4.99G/23.5G …"
@@ -93,7 +94,11 @@ class JobRunner:
         known = {f.name for f in fields(Job)}
         interrupted = []
         for record in read_journal(self._journal.path):
-            job = Job(**{key: value for key, value in record.items() if key in known})
+            try:
+                job = Job(**{key: value for key, value in record.items() if key in known})
+            except TypeError:  # a record lacking a field every job has: not a list this server wrote
+                raise BpwoptError(f"{self._journal.path}: not a bpwopt serve job list (job {record['id']!r} is "
+                                  "incomplete); move it away or give --jobs-file") from None  # fmt: skip
             if job.status in (*UNFINISHED, "interrupted"):
                 job.status = "interrupted"
                 interrupted.append(job)
