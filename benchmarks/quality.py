@@ -13,8 +13,9 @@ Methods:
   calibrated   the default flow after `bpwopt calibrate` (--probe, --groups): the state's default objective
                weighted by the sensitivities it measured on the calibration text
   checked      calibrated, then the KLD check (`--check`, on after calibrate): that plan if it beats the largest
-               preset that fits by two paired standard errors on the calibration text, else the preset (the row
-               says which was kept)
+               preset that fits by two paired standard errors on the calibration text (with --rounding best,
+               that preset's types in best rounding is a candidate too), else the preset (the row says which
+               was kept)
   sensitivity  relative, weighted by noise-injection sensitivities (`bpwopt calibrate --probe noise`)
   tuned        sensitivity, times per-class and depth factors from `bpwopt tune` (optuna, KLD on the
                calibration text) at held-out budgets: bpw midway between the two smallest and between
@@ -152,7 +153,7 @@ def main() -> None:
                 if method == "checked":
                     started = time.perf_counter()
                     check = checked_optimize(replace(job, record_plan=False), threads=args.threads)
-                    kept = f"checked: kept {check.chosen.split(' ')[0]}"
+                    kept = f"checked: kept {check.chosen.split(' (')[0]}"
                     print(f"{format_check(check)}\ncheck: {time.perf_counter() - started:.1f} s", flush=True)
                 else:
                     optimize_file(job)

@@ -29,29 +29,37 @@ def run_json(capsys, *argv) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
-def test_after_calibrate_the_output_is_the_plan_only_if_it_beats_the_preset_significantly(model, tmp_path, capsys):
+@pytest.mark.parametrize("rounding", ["ggml", "best"])
+def test_after_calibrate_the_output_is_the_candidate_that_beats_the_preset_significantly(
+    model, tmp_path, capsys, rounding
+):
     preset = tmp_path / "q4_k_m.gguf"
     assert main(["--quiet", str(model), str(preset), "Q4_K_M"]) == 0
     state = tmp_path / "s.bpw_state"
     size = str(preset.stat().st_size)
-    run_json(capsys, "--quiet", "--json", "--dry-run", *SAMPLE, "--target-size", size, "--state-file", state, model)
+    common = ["--quiet", "--json", *SAMPLE, "--rounding", rounding, "--target-size", size, "--state-file", state]
+    run_json(capsys, *common, "--dry-run", model)
     assert main(["calibrate", str(model), "--state-file", str(state), "--chunks", "1", "--ctx", "64", "--quiet"]) == 0
     capsys.readouterr()
     out = tmp_path / "out.gguf"
-    summary = run_json(capsys, "--quiet", "--json", *SAMPLE, "--target-size", size, "--state-file", state, model, out)
+    check = run_json(capsys, *common, model, out)["check"]
 
-    labels = [c["label"] for c in summary["check"]["candidates"]]
-    assert len(labels) == 2 and labels[1] in ("Q4_K", "Q4_K_M")  # the largest preset at or below the target (alias)
-    check = summary["check"]
-    plan, preset_result = check["candidates"]
-    assert check["difference"] == pytest.approx(preset_result["mean_kld"] - plan["mean_kld"], rel=1e-6)
-    assert check["difference_stderr"] > 0
-    best = plan if check["difference"] > SIGNIFICANCE * check["difference_stderr"] else preset_result
+    labels = [c["label"] for c in check["candidates"]]
+    assert labels[-1] in ("Q4_K", "Q4_K_M")  # llama.cpp's own: the largest preset at or below the target (alias)
+    # With best rounding, the preset's types in that rounding compete too; the plan always comes first.
+    assert labels[1:-1] == ([] if rounding == "ggml" else [f"{labels[-1]}, best rounding"])
+    *others, reference = check["candidates"]
+    for candidate in others:
+        assert candidate["lead"] == pytest.approx(reference["mean_kld"] - candidate["mean_kld"], rel=1e-6)
+        assert candidate["lead_stderr"] > 0
+    assert (check["difference"], check["difference_stderr"]) == (others[0]["lead"], others[0]["lead_stderr"])
+    leading = [c for c in others if c["lead"] > SIGNIFICANCE * c["lead_stderr"]]
+    best = min(leading, key=lambda c: c["mean_kld"], default=reference)
     assert check["kept"] == best["label"]
     kept = evaluate(model, out, calibration_text(), ctx=DEFAULT_CTX, chunks=DEFAULT_CHUNKS, progress=False)
     assert kept.mean_kld == pytest.approx(best["mean_kld"], rel=1e-9)  # the file at OUT is the one that won
     assert out.stat().st_size == best["file_bytes"] <= int(size)
-    if best["label"] != labels[0]:
+    if best is reference:
         assert out.read_bytes() == preset.read_bytes()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # temporaries removed
 

@@ -248,8 +248,9 @@ def build_quantize_parser() -> argparse.ArgumentParser:
     add("--dry-run", action="store_true", help="print the sizes (with a target: the plan), write nothing")
     add(
         "--check", choices=CHECK_MODES, default="auto",
-        help="with a target: write the plan and the largest llama.cpp preset that fits, measure both one's KLD on "
-        "the calibration text (llama-cpp-python) and keep the better; auto: when --state-file was calibrated",
+        help="with a target: write the plan and the largest llama.cpp preset that fits (with --rounding best, also "
+        "that preset in best rounding), measure each one's KLD on the calibration text (llama-cpp-python), keep the "
+        "lowest that beats the preset by 2 standard errors, else the preset; auto: when --state-file was calibrated",
     )  # fmt: skip
     add("--quiet", action="store_true", help="no progress bar")
     add("--threads", type=int, metavar="N", help="threads for quantizing and measuring (default: all cores)")

@@ -6,11 +6,15 @@ handful of tensors decides the result, and a prediction can be wrong there
 runtime and the calibration text, which `bpwopt calibrate` has already used —
 the optimizer writes its plan and the largest llama.cpp preset that fits the
 same budget, both to temporaries beside the output (beside the file a link
-names; in a temporary directory for a device or FIFO), measures each one's KL
-divergence against the input model on the calibration text (never the
-evaluation text), and renames the plan onto the output only if its KLD is
-lower by more than SIGNIFICANCE paired standard errors, else the preset
-(copied through a device or FIFO). The other temporary is removed.
+names; in a temporary directory for a device or FIFO), and measures each one's
+KL divergence against the input model on the calibration text (never the
+evaluation text). With a rounding other than ggml's (`--rounding best`) the
+preset's own types written with that rounding are a third candidate: where the
+preset's allocation beats the plan, the user still gets the better blocks.
+The preset as llama.cpp writes it is the reference: a candidate is renamed onto
+the output only if its KLD is lower by more than SIGNIFICANCE paired standard
+errors (the lowest such one), else the reference is (copied through a device
+or FIFO). The other temporaries are removed.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ from bpwopt.jobs.optimize import OptimizeJob, OptimizeReport, optimize_file
 from bpwopt.jobs.quantize import QuantizeJob, quantize_file
 from bpwopt.quality.evaluate import EvalResult, evaluate
 from bpwopt.quality.texts import calibration_text
+from bpwopt.quant.types import DEFAULT_ROUNDING
 from bpwopt.solve.objective import PROBE_BPW_KEY
 from bpwopt.state.store import StateFile, read_identity
 
@@ -40,16 +45,18 @@ SIGNIFICANCE = 2.0  # the plan is kept only if it beats the preset by this many 
 
 @dataclass(frozen=True)
 class Candidate:
-    label: str  # "bpwopt" or the preset's name
+    label: str  # "bpwopt (…)", the preset's name, or the preset's name and another rounding
     file_bytes: int
     mean_kld: float
     mean_kld_stderr: float
+    lead: float  # the reference's mean per-token KLD minus this one's (NaN for the reference itself)
+    lead_stderr: float
 
 
 @dataclass(frozen=True)
 class CheckReport:
     plan: OptimizeReport  # the optimizer's own plan (recorded in the state whichever file was kept)
-    candidates: tuple[Candidate, ...]
+    candidates: tuple[Candidate, ...]  # the plan first, llama.cpp's preset (the reference) last
     chosen: str  # the label of the file now at the output path
     difference: float  # mean per-token KLD of the preset minus the plan's (positive: the plan is better)
     difference_stderr: float
@@ -92,7 +99,7 @@ def _fits(job: OptimizeJob, file_bytes: int | None, data_bytes: int, elements: i
 def checked_optimize(
     job: OptimizeJob, *, chunks: int = DEFAULT_CHUNKS, ctx: int = DEFAULT_CTX, threads: int | None = None
 ) -> CheckReport:
-    """optimize_file(job); keep its plan if it beats the fitting preset's measured KLD significantly, else the preset.
+    """optimize_file(job); keep the candidate that beats the fitting preset's KLD significantly and most, else it.
 
     job must write one file (no dry run, no --keep-split). Raises BpwoptError as optimize_file does.
     """
@@ -109,32 +116,53 @@ def checked_optimize(
         beside = Path(directory)
         plan_path = beside / f".{target.path.name}.bpwopt-plan.gguf"
         preset_path = beside / f".{target.path.name}.bpwopt-preset.gguf"
+        rerounded_path = beside / f".{target.path.name}.bpwopt-preset-{job.rounding}.gguf"
+        temporaries = (plan_path, rerounded_path, preset_path)
         try:
             plan = optimize_file(replace(job, output_path=plan_path, compare_presets=True))
             candidates = [(f"bpwopt ({plan.target.describe()})", plan_path, plan.file_bytes)]
-            for name in presets_to_try(job, plan):
-                preset = quantize_file(QuantizeJob(job.input_path, preset_path, name, options=job.options,
-                                                   imatrix_path=job.imatrix_path, progress=False))  # fmt: skip
-                if _fits(job, preset.file_bytes, preset.output_data_bytes, preset.elements):
-                    candidates.append((name, preset_path, preset.file_bytes))
-                    break
+            candidates += _fitting_preset(job, presets_to_try(job, plan), rerounded_path, preset_path)
             text = calibration_text()
             results: list[EvalResult] = [
                 evaluate(job.input_path, path, text, ctx=ctx, chunks=chunks, threads=threads, progress=False)
                 for _, path, _ in candidates
             ]
-            difference, stderr = paired_difference(results)
-            best = 1 if len(results) == 2 and not difference > SIGNIFICANCE * stderr else 0
+            leads = [paired_lead(results[-1], r) for r in results[:-1]] + [(math.nan, math.nan)]
+            significant = [i for i, (lead, se) in enumerate(leads[:-1]) if lead > SIGNIFICANCE * se]
+            best = min(significant, key=lambda i: results[i].mean_kld, default=len(results) - 1)
             _publish(candidates[best][1], target)
         finally:
-            for path in (plan_path, preset_path):
+            for path in temporaries:
                 with contextlib.suppress(FileNotFoundError):
                     path.unlink()
     kept = tuple(
-        Candidate(label, size, r.mean_kld, r.mean_kld_stderr)
-        for (label, _, size), r in zip(candidates, results, strict=True)
+        Candidate(label, size, r.mean_kld, r.mean_kld_stderr, *lead)
+        for (label, _, size), r, lead in zip(candidates, results, leads, strict=True)
     )
-    return CheckReport(replace(plan, output_path=final), kept, kept[best].label, difference, stderr)
+    return CheckReport(replace(plan, output_path=final), kept, kept[best].label, *leads[0])
+
+
+def _fitting_preset(
+    job: OptimizeJob, names: list[str], rerounded_path: Path, preset_path: Path
+) -> list[tuple[str, Path, int]]:
+    """The first of names that fits the budget, as llama.cpp writes it, preceded by it in job's rounding if not ggml's.
+
+    None fits: an empty list (the plan alone is kept).
+    """
+    for name in names:
+        preset = quantize_file(QuantizeJob(job.input_path, preset_path, name, options=job.options,
+                                           imatrix_path=job.imatrix_path, progress=False))  # fmt: skip
+        if not _fits(job, preset.file_bytes, preset.output_data_bytes, preset.elements):
+            continue
+        found = [(name, preset_path, preset.file_bytes)]
+        if job.rounding != DEFAULT_ROUNDING:
+            rerounded = quantize_file(QuantizeJob(job.input_path, rerounded_path, name, options=job.options,
+                                                  imatrix_path=job.imatrix_path, rounding=job.rounding,
+                                                  progress=False))  # fmt: skip
+            if _fits(job, rerounded.file_bytes, rerounded.output_data_bytes, rerounded.elements):
+                found.insert(0, (f"{name}, {job.rounding} rounding", rerounded_path, rerounded.file_bytes))
+        return found
+    return []
 
 
 def _publish(candidate: Path, target: OutputPath) -> None:
@@ -149,23 +177,21 @@ def _publish(candidate: Path, target: OutputPath) -> None:
         raise BpwoptError(f"cannot write {target.requested}: {error.strerror or error}") from None
 
 
-def paired_difference(results: list[EvalResult]) -> tuple[float, float]:
-    """(mean of preset − plan KLD per token, its standard error); NaN for a lone plan."""
-    if len(results) < 2:
-        return math.nan, math.nan
-    paired = results[1].kld_per_token - results[0].kld_per_token
+def paired_lead(reference: EvalResult, candidate: EvalResult) -> tuple[float, float]:
+    """(mean of reference − candidate KLD per token over the same tokens, its standard error)."""
+    paired = reference.kld_per_token - candidate.kld_per_token
     return float(paired.mean()), float(paired.std(ddof=1) / math.sqrt(paired.size))
 
 
 def format_check(report: CheckReport) -> str:
-    """One line per candidate and which one was kept."""
-    lines = [
-        f"KLD check on the calibration text: {c.label}: {c.file_bytes:,} bytes, KLD {c.mean_kld:.5f} ± "
-        f"{c.mean_kld_stderr:.5f}" for c in report.candidates
-    ]  # fmt: skip
+    """One line per candidate (its lead over llama.cpp's preset) and which one was kept."""
+    lines = []
+    for c in report.candidates:
+        lead = "" if math.isnan(c.lead) else f", preset − this: {c.lead:+.5f} ± {c.lead_stderr:.5f}"
+        lines.append(f"KLD check on the calibration text: {c.label}: {c.file_bytes:,} bytes, KLD {c.mean_kld:.5f} ± "
+                     f"{c.mean_kld_stderr:.5f}{lead}")  # fmt: skip
     if len(report.candidates) == 1:
         lines.append("no llama.cpp preset fits this budget; kept bpwopt's plan")
     else:
-        lines.append(f"kept {report.chosen} (preset − plan: {report.difference:+.5f} ± {report.difference_stderr:.5f}; "
-                     f"the plan must lead by {SIGNIFICANCE:g} standard errors)")
+        lines.append(f"kept {report.chosen} (a candidate must lead the preset by {SIGNIFICANCE:g} standard errors)")
     return "\n".join(lines)
