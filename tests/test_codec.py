@@ -125,3 +125,28 @@ def test_every_nonfinite_word_is_refused_wherever_it_is(bits, where):
     assert not all_finite(x) and not all_finite(x.reshape(16, 256))
     with pytest.raises(ValueError, match="NaN or infinite"):
         bpwopt.quant.codec.quantize(x.reshape(16, 256), "F32")
+
+
+@settings(max_examples=60, deadline=None)
+@given(tensors(), st.integers(1, 3), st.booleans())
+def test_row_energies_are_the_sums_of_the_decoded_rows_squares(case, experts, with_weights):
+    quant_type, x = case
+    rows = x.reshape(-1, x.shape[-1])
+    imatrix = make_imatrix(rows.shape[1]) if quant_type.requires_imatrix else None
+    q = bpwopt.quantize(rows, quant_type.name, imatrix)
+    expert_of_row = np.arange(rows.shape[0]) % experts
+    weights = np.stack([make_imatrix(rows.shape[1]) * (e + 1) for e in range(experts)]) if with_weights else None
+    weighted, plain = bpwopt.quant.codec.row_energies(q, quant_type.name, weights, expert_of_row)
+    squares = reference_dequantize(q, quant_type.ggml_type).astype(np.float64) ** 2
+    np.testing.assert_allclose(plain, squares.sum(axis=1), rtol=1e-12)
+    expected = (squares * weights[expert_of_row]).sum(axis=1) if with_weights else squares.sum(axis=1)
+    np.testing.assert_allclose(weighted, expected, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bits", [0x7F800000, 0x7FC00000])  # inf, NaN
+def test_a_row_with_a_nonfinite_value_has_a_nonfinite_energy_and_no_other_row_does(bits):
+    x = np.full((3, 256), 3e38, dtype=np.float32)  # FLT_MAX-sized squares do not overflow the float64 sums
+    x.view(np.uint32)[1, 100] = bits
+    weighted, plain = bpwopt.quant.codec.row_energies(x.view(np.uint8), "F32", None, np.zeros(3, dtype=np.int64))
+    assert np.isfinite(plain).tolist() == [True, False, True]
+    assert np.isfinite(weighted).tolist() == [True, False, True]

@@ -42,8 +42,9 @@ from bpwopt.measure.backends import BACKENDS, DEFAULT_BACKEND, ErrorBackend
 from bpwopt.measure.executors import Executor, InProcessExecutor
 from bpwopt.measure.records import STATISTICS, Estimate, Measurement, TensorRecord
 from bpwopt.policy.llama import fallback_type
+from bpwopt.quant import codec
 from bpwopt.quant.types import DEFAULT_ROUNDING, QUANT_TYPES, row_bytes
-from bpwopt.source.rows import expert_count, release_pages, rows_to_float, tensor_rows
+from bpwopt.source.rows import expert_count, invalid_data, release_pages, rows_to_float, tensor_rows
 
 Q = GGMLQuantizationType
 # Every type that sits on some tensor's error/size front of SmolLM2 or Gemma-3-270M, with or without an imatrix
@@ -242,17 +243,27 @@ def row_energies(rows: TensorRows) -> tuple[np.ndarray, np.ndarray]:
 def all_row_energies(tensor: gguf.ReaderTensor, weights: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """Per row (Σ w x², Σ x²) of every row of the tensor, read in pieces of about 16 MB of float32.
 
-    Cheap next to quantizing (one pass of squares), and what makes a small
-    sample trustworthy: the strata follow the energies, and the record holds
-    the exact totals the measured ratios are scaled by.
+    Cheap next to quantizing (one fused decode-and-square pass over the file's
+    bytes), and what makes a small sample trustworthy: the strata follow the
+    energies, and the record holds the exact totals the measured ratios are
+    scaled by. Rows with NaN or infinite values are refused here, as llama.cpp does.
     """
     n_per_row = int(tensor.shape[0])
     n_rows = int(tensor.n_elements) // n_per_row
+    source_type = GGMLQuantizationType(tensor.tensor_type)
     weighted, plain = np.empty(n_rows), np.empty(n_rows)
     step = max(1, (1 << 22) // n_per_row)
+    raw = tensor_rows(tensor)
+    expert_of_row = np.arange(n_rows) // (n_rows // expert_count(tensor))
     for start in range(0, n_rows, step):
         stop = min(n_rows, start + step)
-        weighted[start:stop], plain[start:stop] = row_energies(load_rows(tensor, weights, np.arange(start, stop)))
+        if source_type in QUANT_TYPES:
+            energies = codec.row_energies(raw[start:stop], source_type, weights, expert_of_row[start:stop])
+        else:  # decoded by gguf's numpy code, which also refuses non-finite rows
+            energies = row_energies(load_rows(tensor, weights, np.arange(start, stop)))
+        weighted[start:stop], plain[start:stop] = energies
+    if not np.isfinite(plain).all():
+        raise invalid_data(tensor.name)
     return weighted, plain
 
 

@@ -18,6 +18,7 @@ from bpwopt.quant.types import DEFAULT_ROUNDING, QuantType, get_quant_type
 QTypeLike = str | int | GGMLQuantizationType
 
 _NO_IMATRIX = np.empty(0, dtype=np.float32)
+_NO_WEIGHTS = np.empty((0, 0), dtype=np.float32)
 
 
 @njit(cache=True)
@@ -111,6 +112,22 @@ def dequantize(q: np.ndarray, qtype: QTypeLike) -> np.ndarray:
     out = np.empty((q_rows.shape[0], n_per_row), dtype=np.float32)
     rows.dequantize_rows(quant_type.dequantize_row, q_rows, out)
     return out.reshape(*q.shape[:-1], n_per_row)
+
+
+def row_energies(
+    q: np.ndarray, qtype: QTypeLike, weights: np.ndarray | None, expert_of_row: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row (Σ w x², Σ x²), float64, of the rows q (nrows, row_bytes) of qtype, decoded as `dequantize` would.
+
+    weights: float32 (n_expert, n_per_row), row i weighted by weights[expert_of_row[i]]; None: both sums plain.
+    A row with a NaN or infinite value gets a non-finite plain sum. One pass per row, no float copy of q.
+    """
+    quant_type = get_quant_type(qtype)
+    n_per_row = q.shape[1] // quant_type.block_bytes * quant_type.block_size
+    q_rows = q if q.flags.c_contiguous and q.flags.writeable else np.array(q)  # the kernel wants mutable
+    table = _NO_WEIGHTS if weights is None else np.ascontiguousarray(weights, dtype=np.float32)
+    experts = np.ascontiguousarray(expert_of_row, dtype=np.int64)
+    return rows.row_energies(quant_type.dequantize_row, q_rows, table, experts, n_per_row)
 
 
 def row_errors(

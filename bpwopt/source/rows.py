@@ -92,8 +92,13 @@ def check_finite(values: np.ndarray, name: str) -> np.ndarray:
     blocks in a file that loads and then produces nothing useful.
     """
     if not codec.all_finite(values):
-        raise BpwoptError(f"tensor '{name}' has invalid data: NaN or infinite values (llama.cpp refuses it too)")
+        raise invalid_data(name)
     return values
+
+
+def invalid_data(name: str) -> BpwoptError:
+    """The one-line error for a tensor holding NaN or infinite values, wherever they are found."""
+    return BpwoptError(f"tensor '{name}' has invalid data: NaN or infinite values (llama.cpp refuses it too)")
 
 
 def check_copied_rows(raw_rows: np.ndarray, source_type: GGMLQuantizationType, name: str) -> None:

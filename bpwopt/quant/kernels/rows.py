@@ -75,3 +75,43 @@ def row_errors(quantize_row, dequantize_row, x, imatrix, row_bytes):
         weighted_sse[row] = row_weighted
         sse[row] = row_plain
     return weighted_sse, sse
+
+
+
+@njit(
+    types.UniTuple(types.float64[::1], 2)(
+        _DequantizeRowFn, types.uint8[:, ::1], types.float32[:, ::1], types.int64[::1], types.int64
+    ),
+    parallel=True,
+    cache=True,
+)
+def row_energies(dequantize_row, q, weights, expert_of_row, n_per_row):
+    """Per-row signal energy of the decoded rows of q (nrows, row_bytes), in one pass and no float copy of q.
+
+    Returns (weighted, plain), float64 arrays of length nrows: Σ_j w_j x_j² with
+    w the row's expert's row of weights (n_expert, n_per_row), and Σ_j x_j². With
+    weights of shape (0, 0) the two are equal. A row holding a NaN or an infinity
+    has a non-finite plain energy (finite float32 squares cannot overflow float64).
+    """
+    nrows = q.shape[0]
+    weighted = np.zeros(nrows, dtype=np.float64)
+    plain = np.zeros(nrows, dtype=np.float64)
+    has_weights = weights.shape[0] > 0
+    for row in prange(nrows):
+        values = np.empty(n_per_row, dtype=np.float32)
+        dequantize_row(q[row], values)
+        row_plain = 0.0
+        row_weighted = 0.0
+        if has_weights:
+            w = weights[expert_of_row[row]]
+            for j in range(n_per_row):
+                squared = np.float64(values[j]) * np.float64(values[j])
+                row_plain += squared
+                row_weighted += np.float64(w[j]) * squared
+        else:
+            for j in range(n_per_row):
+                row_plain += np.float64(values[j]) * np.float64(values[j])
+            row_weighted = row_plain
+        weighted[row] = row_weighted
+        plain[row] = row_plain
+    return weighted, plain
