@@ -40,7 +40,7 @@ from bpwopt.state.store import StateFile, read_identity
 DEFAULT_CHUNKS = 4  # windows of the calibration text per candidate
 DEFAULT_CTX = 512
 CHECK_MODES = ("auto", "on", "off")
-SIGNIFICANCE = 2.0  # the plan is kept only if it beats the preset by this many paired standard errors
+SIGNIFICANCE = 2.0  # a candidate is kept only if it beats llama.cpp's preset by this many paired standard errors
 
 
 @dataclass(frozen=True)
@@ -58,8 +58,15 @@ class CheckReport:
     plan: OptimizeReport  # the optimizer's own plan (recorded in the state whichever file was kept)
     candidates: tuple[Candidate, ...]  # the plan first, llama.cpp's preset (the reference) last
     chosen: str  # the label of the file now at the output path
-    difference: float  # mean per-token KLD of the preset minus the plan's (positive: the plan is better)
-    difference_stderr: float
+
+    @property
+    def difference(self) -> float:
+        """Mean per-token KLD of the preset minus the plan's (positive: the plan is better); NaN for a lone plan."""
+        return self.candidates[0].lead
+
+    @property
+    def difference_stderr(self) -> float:
+        return self.candidates[0].lead_stderr
 
 
 def wants_check(mode: str, job: OptimizeJob) -> bool:
@@ -139,7 +146,7 @@ def checked_optimize(
         Candidate(label, size, r.mean_kld, r.mean_kld_stderr, *lead)
         for (label, _, size), r, lead in zip(candidates, results, leads, strict=True)
     )
-    return CheckReport(replace(plan, output_path=final), kept, kept[best].label, *leads[0])
+    return CheckReport(replace(plan, output_path=final), kept, kept[best].label)
 
 
 def _fitting_preset(

@@ -77,7 +77,6 @@ def row_errors(quantize_row, dequantize_row, x, imatrix, row_bytes):
     return weighted_sse, sse
 
 
-
 @njit(
     types.UniTuple(types.float64[::1], 2)(
         _DequantizeRowFn, types.uint8[:, ::1], types.float32[:, ::1], types.int64[::1], types.int64
