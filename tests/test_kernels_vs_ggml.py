@@ -123,3 +123,37 @@ def test_dequantize_equals_gguf(name, kind):
     q = bpwopt.quantize(x, name, make_imatrix(256))
     ours = bpwopt.dequantize(q, name)
     np.testing.assert_array_equal(ours, reference_dequantize(q, get_quant_type(name).ggml_type))
+
+
+def _rows_whose_moved_mins_overflow(seed: int = 3) -> tuple[np.ndarray, np.ndarray]:
+    """Magnitudes over six decades, half the rows negative, importances mostly exactly zero."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((32, 512)) * 10.0 ** rng.integers(-3, 4, (32, 512))
+    x[1::2] = -np.abs(x[1::2])
+    imatrix = np.where(rng.random(512) < 0.6, 0.0, rng.random(512) * 10.0 ** rng.integers(-3, 4, 512))
+    return x.astype(np.float32), imatrix.astype(np.float32)
+
+
+def test_grouped_affine_search_meets_rows_it_cannot_round_exactly():
+    """The rows below move some block's min so far that iscale·(x − min) passes 2**22, where ggml's
+    integer rounding wraps and the float rounding of the grouped search would not: it must say so."""
+    from bpwopt.quant.kernels import scale_search
+
+    x, imatrix = _rows_whose_moved_mins_overflow()
+    inexact = 0
+    for row in x:
+        weights = (imatrix * np.sqrt(np.float32(np.mean(row * row)) + row * row)).astype(np.float32)
+        values, weights = (np.ascontiguousarray(a.reshape(16, 32).T) for a in (row, weights))
+        scratch = [np.empty_like(values), np.empty(16, np.float32), np.empty(16, np.float32), np.empty_like(values)]
+        lanes = np.empty((scale_search._GROUP_ROWS, 16), np.float32)
+        inexact += not scale_search._affine_quants_groups(
+            15, values, weights, *scratch, lanes, np.float32(-0.9), np.float32(0.05), 36, False, True
+        )
+    assert inexact > 0
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K", "Q4_1", "Q5_1"])
+def test_affine_searches_equal_ggml_where_a_moved_min_overflows_the_rounding(name):
+    """Those rows fall back to the one-block search, so the bytes stay ggml's."""
+    x, imatrix = _rows_whose_moved_mins_overflow()
+    assert_same_as_ggml(x, name, imatrix)

@@ -22,7 +22,7 @@ from numba import njit
 
 from bpwopt.quant.kernels.numerics import F32, ZERO, load_fp16, nearest_int, store_fp16, sum_of_squares
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.quant.kernels.scale_search import make_qkx2_quants, make_qkx3_quants, make_qp_quants
+from bpwopt.quant.kernels.scale_search import affine_quants_row, make_qp_quants
 
 QK_K, _Q2_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q2_K]
 _Q4_K_BYTES = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_K][1]
@@ -138,25 +138,24 @@ def _imatrix_weights(values, importance, sigma2, weights):
 
 
 @njit(cache=True)
-def _fit_sub_blocks(block, importance, kind, levels, aux, weights, sub_scales, sub_mins, sub_weights):
-    """Scale, min and levels of every sub-block; on the imatrix path also each sub-block's total weight."""
-    use_imatrix = importance.size > 0
-    sigma2 = kind.sigma2_factor * sum_of_squares(block) / F32(QK_K) if use_imatrix else ZERO
-    for j in range(sub_scales.size):
-        sub = slice(j * kind.sub_size, (j + 1) * kind.sub_size)
-        values = block[sub]
-        if use_imatrix:
-            sub_weights[j] = _imatrix_weights(values, importance[sub], sigma2, weights)
-            sub_scales[j], sub_mins[j] = make_qkx3_quants(
-                kind.nmax, values, weights, levels[sub], aux,
-                _IMATRIX_RMIN, _IMATRIX_RDELTA, _IMATRIX_NSTEP, False,
-            )
+def _fit_sub_blocks(x, imatrix, kind, levels, weights, sub_scales, sub_mins, sub_weights):
+    """Scale, min and levels of every sub-block of the row x; on the imatrix path also each one's total weight."""
+    size = kind.sub_size
+    per_block = QK_K // size
+    for g in range(sub_scales.size):
+        sub = slice(g * size, (g + 1) * size)
+        if imatrix.size:
+            if g % per_block == 0:
+                sigma2 = kind.sigma2_factor * sum_of_squares(x[g * size:g * size + QK_K]) / F32(QK_K)
+            sub_weights[g] = _imatrix_weights(x[sub], imatrix[sub], sigma2, weights[sub])
         else:
-            _reference_weights(values, kind.ref_rms_weights, weights)
-            sub_scales[j], sub_mins[j] = make_qkx2_quants(
-                kind.nmax, values, weights, levels[sub], aux,
-                kind.ref_rmin, _REF_RDELTA, kind.ref_nstep, kind.ref_use_mad,
-            )
+            _reference_weights(x[sub], kind.ref_rms_weights, weights[sub])
+    if imatrix.size:
+        affine_quants_row(kind.nmax, x, weights, size, levels, sub_scales, sub_mins,
+                          _IMATRIX_RMIN, _IMATRIX_RDELTA, _IMATRIX_NSTEP, False, True)  # fmt: skip
+    else:
+        affine_quants_row(kind.nmax, x, weights, size, levels, sub_scales, sub_mins,
+                          kind.ref_rmin, _REF_RDELTA, kind.ref_nstep, kind.ref_use_mad, False)  # fmt: skip
 
 
 # ---------------------------------------------------------------- sub-block scales and mins
@@ -298,11 +297,9 @@ def _unpack_sub_block(row, offset, j, kind, levels):
 
 
 @njit(cache=True)
-def _quantize_super_block(block, importance, kind, out, offset, scratch):
-    """Search, quantize the sub-block scales and mins, store them, re-quantize and pack one block."""
-    levels, aux, weights, sub_scales, sub_mins, sub_weights, scale_levels, min_levels = scratch
-    _fit_sub_blocks(block, importance, kind, levels, aux, weights, sub_scales, sub_mins, sub_weights)
-    use_imatrix = importance.size > 0
+def _quantize_super_block(block, sub_scales, sub_mins, sub_weights, use_imatrix, kind, out, offset, levels, scratch):
+    """Quantize one block's fitted sub-block scales and mins, store them, re-quantize and pack the block."""
+    scale_levels, min_levels = scratch
     clamp = kind.clamp_imatrix_scales if use_imatrix else kind.clamp_ref_scales
     d = _quantize_sub_values(sub_scales, sub_weights, use_imatrix, kind.scale_nmax, clamp, scale_levels)
     dmin = _quantize_sub_values(sub_mins, sub_weights, use_imatrix, kind.scale_nmax, clamp, min_levels)
@@ -324,21 +321,20 @@ def pack_super_block(block, d, dmin, scale_levels, min_levels, kind, out, offset
 
 @njit(cache=True)
 def _quantize_row(x, imatrix, out, kind):
+    """Fit every sub-block of the row in one search (they are independent), then finish each super-block."""
     n_sub = QK_K // kind.sub_size
-    scratch = (
-        np.empty(QK_K, dtype=np.uint8),  # levels
-        np.empty(kind.sub_size, dtype=np.uint8),  # candidate levels of the search
-        np.empty(kind.sub_size, dtype=np.float32),  # weights of the search
-        np.empty(n_sub, dtype=np.float32),  # sub-block scales
-        np.empty(n_sub, dtype=np.float32),  # sub-block mins
-        np.empty(n_sub, dtype=np.float32),  # sub-block total weights (imatrix path)
-        np.empty(n_sub, dtype=np.uint8),  # scale levels
-        np.empty(n_sub, dtype=np.uint8),  # min levels
-    )
+    n_groups = x.size // kind.sub_size
+    levels = np.empty(x.size, dtype=np.uint8)
+    weights = np.empty(x.size, dtype=np.float32)
+    sub_scales = np.empty(n_groups, dtype=np.float32)
+    sub_mins = np.empty(n_groups, dtype=np.float32)
+    sub_weights = np.empty(n_groups, dtype=np.float32)  # imatrix path
+    _fit_sub_blocks(x, imatrix, kind, levels, weights, sub_scales, sub_mins, sub_weights)
+    scratch = (np.empty(n_sub, dtype=np.uint8), np.empty(n_sub, dtype=np.uint8))  # scale and min levels
     for b in range(x.size // QK_K):
-        start = b * QK_K
-        importance = imatrix[start:start + QK_K] if imatrix.size else imatrix
-        _quantize_super_block(x[start:start + QK_K], importance, kind, out, b * kind.block_bytes, scratch)
+        block, sub = slice(b * QK_K, (b + 1) * QK_K), slice(b * n_sub, (b + 1) * n_sub)
+        _quantize_super_block(x[block], sub_scales[sub], sub_mins[sub], sub_weights[sub], imatrix.size > 0, kind,
+                              out, b * kind.block_bytes, levels[block], scratch)  # fmt: skip
 
 
 @njit(cache=True)

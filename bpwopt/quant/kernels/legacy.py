@@ -21,7 +21,7 @@ from bpwopt.quant.kernels.numerics import (
     sum_of_squares,
 )
 from bpwopt.quant.kernels.rows import DEQUANTIZE_ROW, QUANTIZE_ROW
-from bpwopt.quant.kernels.scale_search import make_qkx3_quants, make_qx_quants
+from bpwopt.quant.kernels.scale_search import affine_quants_row, make_qx_quants
 
 QK, _ = GGML_QUANT_SIZES[GGMLQuantizationType.Q4_0]
 HALF_QK = QK // 2
@@ -256,14 +256,6 @@ def _symmetric_levels(block, imatrix, sigma2, nmax, levels, weight, signed_level
 
 
 @njit(cache=True)
-def _affine_levels(block, imatrix, sigma2, nmax, levels, weight, aux):
-    """Scale, min and levels 0..nmax of one affine block with an imatrix."""
-    _importance(block, imatrix, sigma2, weight)
-    d, the_min = make_qkx3_quants(nmax, block, weight, levels, aux, F32(-0.9), F32(0.05), 36, False)
-    return d, -the_min
-
-
-@njit(cache=True)
 def _quantize_symmetric(x, imatrix, out, nmax, block_bytes, has_high_bits):
     if imatrix.size == 0:
         _quantize_symmetric_ref(x, out, nmax, block_bytes, has_high_bits)
@@ -288,20 +280,18 @@ def _quantize_affine(x, imatrix, out, nmax, block_bytes, has_high_bits):
     if imatrix.size == 0:
         _quantize_affine_ref(x, out, nmax, block_bytes, has_high_bits)
         return
-    sigma2 = _row_sigma2(x)
-    levels = np.empty(QK, dtype=np.uint8)
-    weight = np.empty(QK, dtype=np.float32)
-    aux = np.empty(QK, dtype=np.uint8)
-    for block in range(x.size // QK):
-        start = block * QK
-        block_imatrix = imatrix[start:start + QK]
-        d, lo = _affine_levels(
-            x[start:start + QK], block_imatrix, sigma2, nmax, levels, weight, aux
-        )
+    n_blocks = x.size // QK
+    weight = np.empty(x.size, dtype=np.float32)
+    _importance(x, imatrix, _row_sigma2(x), weight)
+    levels = np.empty(x.size, dtype=np.uint8)
+    scales = np.empty(n_blocks, dtype=np.float32)
+    the_mins = np.empty(n_blocks, dtype=np.float32)
+    affine_quants_row(nmax, x, weight, QK, levels, scales, the_mins, F32(-0.9), F32(0.05), 36, False, True)
+    for block in range(n_blocks):
         offset = block * block_bytes
-        store_fp16(out, offset, d)
-        store_fp16(out, offset + 2, lo)
-        pack_levels(levels, out, offset + 4, has_high_bits)
+        store_fp16(out, offset, scales[block])
+        store_fp16(out, offset + 2, -the_mins[block])
+        pack_levels(levels[block * QK:(block + 1) * QK], out, offset + 4, has_high_bits)
 
 
 @njit(QUANTIZE_ROW, cache=True)

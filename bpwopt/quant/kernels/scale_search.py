@@ -200,7 +200,7 @@ def _affine_error(x, weights, L, scale, offset, use_mad):
 
 @njit(cache=True, error_model="numpy")  # x/0 gives ±inf or NaN as in C, not ZeroDivisionError
 def _make_affine_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, strict_range):
-    """Shared body of make_qkx2_quants / make_qkx3_quants: levels 0..nmax, scale and min.
+    """ggml's make_qkx2_quants / make_qkx3_quants on one run of x: levels 0..nmax, scale and min.
 
     Returns (scale, the_min) where x ≈ scale·L − the_min. `strict_range` selects
     qkx3's `max <= min` test over qkx2's `max == min`. `weights` must hold one
@@ -265,17 +265,168 @@ def _make_affine_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad,
     return scale, -min_value
 
 
-@njit(cache=True)
-def make_qkx2_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
-    """ggml's make_qkx2_quants (weights required); returns (scale, the_min)."""
-    return _make_affine_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad, False)
+# Exact bound of nearest_int_float: below it the float rounding is ggml's nearest_int.
+_ROUNDING_LIMIT = F32(4194304.0)  # 2**22
+_INF = np.float32(np.inf)
+# Rows of the per-group scratch of _affine_quants_groups.
+_LOW, _HIGH, _SUM_W, _SUM_X, _SCALE, _BEST, _ISCALE, _SUM_L, _SUM_L2, _SUM_XL, _DET, _TRY_SCALE, _TRY_MIN, _ERROR, \
+    _KEPT, _LARGEST, _FIRST_LOW = range(17)
+_GROUP_ROWS = 17
+
+
+@njit(cache=True, inline="always")
+def _affine_level(scaled, fnmax):
+    """max(0, min(nmax, nearest_int(scaled))) as a float32 where |scaled| < 2**22 or scaled is not finite.
+
+    ggml's nearest_int maps ±inf and NaN to levels that the clamp turns into 0; so does this.
+    """
+    scaled = scaled if scaled < _ROUNDING_LIMIT else ZERO
+    scaled = fnmax if scaled > fnmax else scaled
+    scaled = ZERO if scaled < ZERO else scaled
+    return nearest_int_float(scaled)
+
+
+@njit(cache=True, inline="always")
+def _finite_magnitude(scaled):
+    """|scaled| where finite, else 0: what decides whether _affine_level was exact."""
+    magnitude = abs(scaled)
+    return magnitude if magnitude < _INF else ZERO
+
+
+@njit(cache=True, error_model="numpy")  # x/0 gives ±inf or NaN as in C, not ZeroDivisionError
+def _affine_quants_groups(
+    nmax, x, weights, levels, scales, mins, aux, lanes, rmin, rdelta, nstep, use_mad, strict_range
+):
+    """_make_affine_quants on many independent groups at once; False where it could not be exact.
+
+    x[i, g] and weights[i, g] are element i of group g (the groups innermost, so every loop below
+    vectorizes across them); each group runs ggml's sequence on its own, its min moving with each
+    better step, as in the one-group search. On return levels[i, g] (float32) hold the levels,
+    scales[g] and mins[g] what make_qkx2/3_quants return (x ≈ scale·level − min). lanes is float32
+    (_GROUP_ROWS, groups) scratch; aux is shaped like x. It returns False
+    when some scaled value reached 2**22, where ggml's integer rounding wraps (no real weights get
+    there): the caller then runs the one-group search.
+    """
+    n, groups = x.shape
+    fnmax = F32(nmax)
+    low, high, sum_w, sum_x = lanes[_LOW], lanes[_HIGH], lanes[_SUM_W], lanes[_SUM_X]
+    scale, best, iscale, largest = lanes[_SCALE], lanes[_BEST], lanes[_ISCALE], lanes[_LARGEST]
+    sum_l, sum_l2, sum_xl = lanes[_SUM_L], lanes[_SUM_L2], lanes[_SUM_XL]
+    det, try_scale, try_min, error, kept = lanes[_DET], lanes[_TRY_SCALE], lanes[_TRY_MIN], lanes[_ERROR], lanes[_KEPT]
+    for g in range(groups):
+        low[g] = x[0, g]
+        high[g] = x[0, g]
+        sum_w[g] = weights[0, g]
+        sum_x[g] = sum_w[g] * x[0, g]
+    for i in range(1, n):
+        for g in range(groups):
+            value = x[i, g]
+            low[g] = value if value < low[g] else low[g]
+            high[g] = value if value > high[g] else high[g]
+            w = weights[i, g]
+            sum_w[g] += w
+            sum_x[g] += w * value
+    for g in range(groups):
+        low[g] = ZERO if low[g] > ZERO else low[g]
+        lanes[_FIRST_LOW, g] = low[g]
+        iscale[g] = fnmax / (high[g] - low[g])
+        scale[g] = ONE / iscale[g]
+        best[g] = ZERO
+        largest[g] = ZERO
+    for i in range(n):
+        for g in range(groups):
+            scaled = iscale[g] * (x[i, g] - low[g])
+            largest[g] = max(largest[g], _finite_magnitude(scaled))
+            level = _affine_level(scaled, fnmax)
+            levels[i, g] = level
+            diff = scale[g] * level + low[g] - x[i, g]
+            diff = abs(diff) if use_mad else diff * diff
+            best[g] += weights[i, g] * diff
+    for step in range(nstep + 1 if nstep >= 1 else 0):
+        numerator = rmin + rdelta * F32(step) + fnmax
+        for g in range(groups):
+            iscale[g] = numerator / (high[g] - low[g])
+            sum_l[g] = ZERO
+            sum_l2[g] = ZERO
+            sum_xl[g] = ZERO
+        for i in range(n):
+            for g in range(groups):
+                value = x[i, g]
+                scaled = iscale[g] * (value - low[g])
+                largest[g] = max(largest[g], _finite_magnitude(scaled))
+                level = _affine_level(scaled, fnmax)
+                aux[i, g] = level
+                w = weights[i, g]
+                sum_l[g] += w * level
+                sum_l2[g] += w * level * level
+                sum_xl[g] += w * level * value
+        for g in range(groups):
+            det[g] = sum_w[g] * sum_l2[g] - sum_l[g] * sum_l[g]
+            this_scale = (sum_w[g] * sum_xl[g] - sum_x[g] * sum_l[g]) / det[g]
+            this_min = (sum_l2[g] * sum_x[g] - sum_l[g] * sum_xl[g]) / det[g]
+            clamped = this_min > ZERO
+            try_scale[g] = sum_xl[g] / sum_l2[g] if clamped else this_scale
+            try_min[g] = ZERO if clamped else this_min
+            error[g] = ZERO
+        for i in range(n):
+            for g in range(groups):
+                diff = try_scale[g] * aux[i, g] + try_min[g] - x[i, g]
+                diff = abs(diff) if use_mad else diff * diff
+                error[g] += weights[i, g] * diff
+        for g in range(groups):
+            better = det[g] > ZERO and error[g] < best[g]
+            best[g] = error[g] if better else best[g]
+            scale[g] = try_scale[g] if better else scale[g]
+            low[g] = try_min[g] if better else low[g]
+            kept[g] = ONE if better else ZERO
+        for i in range(n):
+            for g in range(groups):
+                levels[i, g] = aux[i, g] if kept[g] > ZERO else levels[i, g]
+    exact = True
+    for g in range(groups):
+        first_low = lanes[_FIRST_LOW, g]
+        if high[g] <= first_low if strict_range else high[g] == first_low:  # ggml returns before searching
+            scale[g] = ZERO
+            low[g] = first_low
+            for i in range(n):
+                levels[i, g] = ZERO
+        elif largest[g] >= _ROUNDING_LIMIT:
+            exact = False
+        scales[g] = scale[g]
+        mins[g] = -low[g]
+    return exact
 
 
 @njit(cache=True)
-def make_qkx3_quants(nmax, x, weights, L, Laux, rmin, rdelta, nstep, use_mad):
-    """ggml's make_qkx3_quants (empty weights mean x²); returns (scale, the_min)."""
-    element_weights = weights if weights.size else x * x
-    return _make_affine_quants(nmax, x, element_weights, L, Laux, rmin, rdelta, nstep, use_mad, True)
+def affine_quants_row(nmax, x, weights, size, levels, scales, mins, rmin, rdelta, nstep, use_mad, strict_range):
+    """ggml's make_qkx2_quants (strict_range False) or make_qkx3_quants on each run of `size` elements of x.
+
+    weights holds one weight per element of x; levels (uint8, like x) and scales, mins (float32, one
+    per run) are written. The runs are searched side by side (_affine_quants_groups), and one at a
+    time only where that could not be exact.
+    """
+    n_groups = x.size // size
+    values_t = np.empty((size, n_groups), dtype=np.float32)
+    weights_t = np.empty((size, n_groups), dtype=np.float32)
+    levels_t = np.empty((size, n_groups), dtype=np.float32)
+    aux_t = np.empty((size, n_groups), dtype=np.float32)
+    lanes = np.empty((_GROUP_ROWS, n_groups), dtype=np.float32)
+    for g in range(n_groups):
+        for i in range(size):
+            values_t[i, g] = x[g * size + i]
+            weights_t[i, g] = weights[g * size + i]
+    exact = _affine_quants_groups(nmax, values_t, weights_t, levels_t, scales, mins, aux_t, lanes,
+                                 rmin, rdelta, nstep, use_mad, strict_range)  # fmt: skip
+    if exact:
+        for g in range(n_groups):
+            for i in range(size):
+                levels[g * size + i] = np.uint8(levels_t[i, g])
+        return
+    aux = np.empty(size, dtype=np.uint8)
+    for g in range(n_groups):
+        run = slice(g * size, (g + 1) * size)
+        scales[g], mins[g] = _make_affine_quants(nmax, x[run], weights[run], levels[run], aux,
+                                                 rmin, rdelta, nstep, use_mad, strict_range)  # fmt: skip
 
 
 @njit(cache=True, error_model="numpy")  # x/0 gives ±inf or NaN as in C, not ZeroDivisionError
