@@ -271,7 +271,7 @@ _INF = np.float32(np.inf)
 # Rows of the per-group scratch of _affine_quants_groups.
 _LOW, _HIGH, _SUM_W, _SUM_X, _SCALE, _BEST, _ISCALE, _SUM_L, _SUM_L2, _SUM_XL, _DET, _TRY_SCALE, _TRY_MIN, _ERROR, \
     _KEPT, _LARGEST, _FIRST_LOW = range(17)
-_GROUP_ROWS = 17
+_GROUP_ROWS = _FIRST_LOW + 1
 
 
 @njit(cache=True, inline="always")
@@ -303,9 +303,9 @@ def _affine_quants_groups(
     vectorizes across them); each group runs ggml's sequence on its own, its min moving with each
     better step, as in the one-group search. On return levels[i, g] (float32) hold the levels,
     scales[g] and mins[g] what make_qkx2/3_quants return (x ≈ scale·level − min). lanes is float32
-    (_GROUP_ROWS, groups) scratch; aux is shaped like x. It returns False
-    when some scaled value reached 2**22, where ggml's integer rounding wraps (no real weights get
-    there): the caller then runs the one-group search.
+    (_GROUP_ROWS, groups) scratch; aux is shaped like x. It returns False when some scaled value
+    reached 2**22, where ggml's integer rounding wraps (seen only with exact-zero importances and
+    weights spread over decades): the caller then runs the one-group search.
     """
     n, groups = x.shape
     fnmax = F32(nmax)
