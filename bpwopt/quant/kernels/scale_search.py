@@ -187,14 +187,19 @@ def make_q3_quants(nmax, x, L, do_rmse):
     return sumlx / suml2 if suml2 > ZERO else ZERO
 
 
+@njit(cache=True, inline="always")
+def _affine_residual(scale, level, offset, value, use_mad):
+    """|scale·level + offset − value| (or its square), in float32 in the C loops' order."""
+    diff = scale * level + offset - value
+    return abs(diff) if use_mad else diff * diff
+
+
 @njit(cache=True, inline="always")  # called twice per search step: a call costs ~5%
 def _affine_error(x, weights, L, scale, offset, use_mad):
     """Σ w·|scale·L + offset − x|  (or squared), in float32 like the C loops."""
     total = ZERO
     for i in range(x.size):
-        diff = scale * F32(L[i]) + offset - x[i]
-        diff = abs(diff) if use_mad else diff * diff
-        total += weights[i] * diff
+        total += weights[i] * _affine_residual(scale, F32(L[i]), offset, x[i], use_mad)
     return total
 
 
@@ -339,9 +344,7 @@ def _affine_quants_groups(
             largest[g] = max(largest[g], _finite_magnitude(scaled))
             level = _affine_level(scaled, fnmax)
             levels[i, g] = level
-            diff = scale[g] * level + low[g] - x[i, g]
-            diff = abs(diff) if use_mad else diff * diff
-            best[g] += weights[i, g] * diff
+            best[g] += weights[i, g] * _affine_residual(scale[g], level, low[g], x[i, g], use_mad)
     for step in range(nstep + 1 if nstep >= 1 else 0):
         numerator = rmin + rdelta * F32(step) + fnmax
         for g in range(groups):
@@ -370,9 +373,7 @@ def _affine_quants_groups(
             error[g] = ZERO
         for i in range(n):
             for g in range(groups):
-                diff = try_scale[g] * aux[i, g] + try_min[g] - x[i, g]
-                diff = abs(diff) if use_mad else diff * diff
-                error[g] += weights[i, g] * diff
+                error[g] += weights[i, g] * _affine_residual(try_scale[g], aux[i, g], try_min[g], x[i, g], use_mad)
         for g in range(groups):
             better = det[g] > ZERO and error[g] < best[g]
             best[g] = error[g] if better else best[g]
